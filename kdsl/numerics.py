@@ -332,11 +332,13 @@ def f_divergence(
     only_b = b_pos & ~a_pos
     only_a = a_pos & ~b_pos
 
-    ratio = torch.exp(a_safe - b_safe)
-    ratio_finite = both & (ratio > 0) & torch.isfinite(ratio)
-    only_b = only_b | (both & (ratio == 0))
-    only_a = only_a | (both & torch.isinf(ratio))
-    inner = torch.exp(b_safe) * f(torch.where(ratio_finite, ratio, 1.0))
+    # Mask the log-ratio before exp so that an overflowing ratio never reaches autograd.
+    log_ratio = a_safe - b_safe
+    ratio_finite = both & (log_ratio.abs() < _MAX_LOG_RATIO)
+    only_b = only_b | (both & (log_ratio <= -_MAX_LOG_RATIO))
+    only_a = only_a | (both & (log_ratio >= _MAX_LOG_RATIO))
+    ratio = torch.exp(torch.where(ratio_finite, log_ratio, 0.0))
+    inner = torch.exp(b_safe) * f(ratio)
     per_entry = torch.where(ratio_finite, inner, 0.0)
 
     zero_limit = _generator_at_zero(f, f_zero, a64)
@@ -353,6 +355,10 @@ def f_divergence(
         per_entry = per_entry + _limit_term(only_a, a_safe_only, float(f_inf_slope))
 
     return per_entry.sum(dim=-1).float()
+
+
+# exp(700) is near the float64 maximum (about exp(709.8)).
+_MAX_LOG_RATIO = 700.0
 
 
 def _generator_at_zero(f: Callable[[Tensor], Tensor], f_zero: float | None, like: Tensor) -> float:
