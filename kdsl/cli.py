@@ -1,0 +1,177 @@
+"""The `kdsl` command line: run, check, latex, graph, explain and eval a spec."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from kdsl.errors import ConfigError, KdslError, SpecError
+
+log = logging.getLogger("kdsl.cli")
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, str]:
+    """Turn `--set key=value` arguments into a dict; raise ConfigError on a malformed pair."""
+    overrides = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"invalid --set argument {pair!r}: expected key=value, as in --set train.lr=1e-4")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def load_spec(args):
+    """Parse and validate the spec named on the command line, with --set overrides."""
+    import kdsl
+
+    path = Path(args.spec)
+    if not path.is_file():
+        raise ConfigError(f"spec file not found: {args.spec!r}; pass the path of a .kd file, e.g. specs/wsgo.kd")
+    overrides = parse_assignments(getattr(args, "set", None))
+    same_vocab = getattr(args, "same_vocab", None)
+    return kdsl.load(path, overrides, same_vocab=same_vocab)
+
+
+def print_warnings(objective) -> None:
+    for warning in objective.warnings:
+        print(warning.render(objective.source_text), file=sys.stderr)
+
+
+def command_check(args) -> int:
+    from kdsl import check
+
+    objective = load_spec(args)
+    print_warnings(objective)
+    if hasattr(check, "format_objective"):
+        print(check.format_objective(objective, desugar=args.desugar))
+    else:
+        for term in objective.terms:
+            print(f"group {term.group}: {term.coefficient} · {term.name}")
+    if hasattr(check, "canonical_hash"):
+        print(f"hash: {check.canonical_hash(objective)}")
+    return 0
+
+
+def command_settings(args) -> int:
+    from kdsl.settings import SETTINGS
+
+    for name, setting in SETTINGS.items():
+        print(f"{name} = {setting.default!r}  # {setting.help}; {setting.describe_range()}")
+    return 0
+
+
+def command_latex(args) -> int:
+    from kdsl import latex
+
+    objective = load_spec(args)
+    print(latex.render(objective, standalone=args.standalone))
+    return 0
+
+
+def command_graph(args) -> int:
+    from kdsl import ir
+
+    objective = load_spec(args)
+    graph = ir.build(objective)
+    graph.verify()
+    print(graph.format(), end="" if graph.format().endswith("\n") else "\n")
+    return 0
+
+
+def command_explain(args) -> int:
+    from kdsl import explain
+
+    objective = load_spec(args)
+    print(explain.explain(objective, batch=args.batch, length=args.length, student_vocab=args.student_vocab,
+                          teacher_vocab=args.teacher_vocab, hidden=args.hidden))
+    return 0
+
+
+def command_run(args) -> int:
+    from kdsl import train
+
+    objective = load_spec(args)
+    print_warnings(objective)
+    train.run(objective, out_dir=args.out, resume=args.resume, progress_bar=not args.quiet)
+    return 0
+
+
+def command_eval(args) -> int:
+    from kdsl import evaluate
+
+    objective = load_spec(args)
+    evaluate.run_eval(objective, checkpoints=args.checkpoint, out_dir=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdsl",
+        description="Compile and run knowledge-distillation objectives written in the .kd language.",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages from kdsl")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, handler, help_text: str, spec: bool = True):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if spec:
+            sub.add_argument("spec", help="path of the .kd spec file")
+            sub.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                             help="override a setting of the spec, e.g. --set train.max_steps=50 (repeatable)")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run = add("run", command_run, "train a student with the spec's objective, evaluate it and write a report")
+    run.add_argument("--out", default=None, help="run directory (default: runs/<spec name>-<time>)")
+    run.add_argument("--resume", default=None, metavar="DIR", help="resume the run in DIR from its last checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    check = add("check", command_check, "validate the spec and print its normalised objective and hash")
+    check.add_argument("--desugar", action="store_true", help="print named divergences as KL over mixtures")
+
+    add("settings", command_settings, "list every setting with its default, range and help", spec=False)
+
+    latex = add("latex", command_latex, "print the objective as LaTeX")
+    latex.add_argument("--standalone", action="store_true", help="print a complete, compilable LaTeX document")
+
+    add("graph", command_graph, "print the compiled graph in its stable text form")
+
+    explain = add("explain", command_explain, "dry run: forward passes, generations, samplers and loss memory")
+    explain.add_argument("--batch", type=int, default=8, help="sequences per batch (B)")
+    explain.add_argument("--length", type=int, default=256, help="tokens per sequence (T)")
+    explain.add_argument("--student-vocab", type=int, default=32000, help="student vocabulary size (Vs)")
+    explain.add_argument("--teacher-vocab", type=int, default=None, help="teacher vocabulary size (Vt; default Vs)")
+    explain.add_argument("--hidden", type=int, default=None, help="hidden size H when the loss takes hidden states")
+
+    evaluate = add("eval", command_eval, "evaluate checkpoints: held-out CE, KL to the teacher, ROUGE-L, exposure bias")
+    evaluate.add_argument("--checkpoint", action="append", required=True, metavar="DIR",
+                          help="a run directory or checkpoint folder (repeatable: curves are overlaid)")
+    evaluate.add_argument("--out", default=None, help="folder for the table, CSV/JSON files and the plot")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except SpecError as error:
+        print(error.render(), file=sys.stderr)
+        return 1
+    except KdslError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
