@@ -375,12 +375,15 @@ class DualSpaceProjector(nn.Module):
                 f"projector file {os.fspath(path)} does not match this projector: missing {missing or 'nothing'}, "
                 f"unexpected {sorted(ignored) or 'nothing'}; check the hidden sizes and structures, or load with strict=False"
             )
-        for name, tensor in mapped.items():
-            if tuple(tensor.shape) != tuple(own[name].shape):
-                raise ConfigError(
-                    f"projector parameter {name} in {os.fspath(path)} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(own[name].shape)}; the file was saved for other hidden sizes"
-                )
+        wrong = [
+            f"{name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}"
+            for name, tensor in sorted(mapped.items())
+            if tuple(tensor.shape) != tuple(own[name].shape)
+        ]
+        if wrong:
+            raise ConfigError(
+                f"projector file {os.fspath(path)} was saved for other hidden sizes: {'; '.join(wrong)}"
+            )
         self.load_state_dict(mapped, strict=False)
         return sorted(ignored)
 
@@ -497,7 +500,7 @@ def align_heads(
     if policy == "error":
         if student_rows != teacher_rows:
             raise ConfigError(
-                f"the student output head has {student_rows} rows and the teacher's has {teacher_rows}, for a tokenizer "
+                f"the student output head has {student_rows} rows and the teacher output head has {teacher_rows} rows, for a tokenizer "
                 f"of {vocab_size} tokens; set head.policy = \"truncate\" to score only the first {vocab_size} rows, "
                 "or give both models heads of one size"
             )
