@@ -2,8 +2,8 @@
 
 Dual-Space KD (Zhang et al., "Dual-Space Knowledge Distillation for Large
 Language Models", EMNLP 2024) compares a teacher and a student that use
-different tokenizers by projecting each model's last hidden states into the
-other model's representation space and reading them out with the other
+different tokenizers. It projects each model's last hidden states into the
+other model's representation space and reads them out with the other
 model's output head:
 
 - `o→q`: teacher hidden states projected to the student's hidden size,
@@ -87,7 +87,7 @@ def _io_sizes(projector: nn.Sequential) -> tuple[int, int]:
 
 @dataclass
 class Projection:
-    """Projected logits of one batch and the masks that say which positions count.
+    """Projected logits of one batch and the masks of the positions that count.
 
     `o_to_q` is [B, S, Vs]: the teacher projected onto the student's positions
     and vocabulary. `q_to_o` is [B, T, Vt], or None when no teacher head was
@@ -114,9 +114,9 @@ class DualSpaceProjector(nn.Module):
     Submodules `query` (2·d_s → 2·d_t), `t2s` (d_t → d_s) and `s2t` (d_s → d_t)
     are `nn.Sequential` stacks, so `state_dict()` keys (`query.0.weight`, ...)
     are those of the projector file DSKD saves. `compat="masked"` (kdsl's
-    default) takes the scale statistics over valid teacher positions only;
-    `compat="dskd"` takes them over the whole padded batch as DSKD does, which
-    reproduces its numbers. With `accuracy_gate=True` a KD term on `o→q` only
+    default) takes the scale statistics over valid teacher positions only.
+    `compat="dskd"` takes them over the whole padded batch as DSKD does, so
+    it reproduces DSKD's numbers. With `accuracy_gate=True` a KD term on `o→q` only
     counts where the projected teacher's argmax equals the gold token.
     """
 
@@ -409,7 +409,7 @@ def _read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(path)
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ConfigError(f"projector file {path} does not hold a dictionary of tensors (a state_dict)")
+        raise ConfigError(f"projector file {path} does not contain a dictionary of tensors (a state_dict)")
     return loaded
 
 
@@ -581,7 +581,7 @@ def retokenize(
     """Re-encode student token ids (e.g. a generated response) with the teacher's tokenizer.
 
     The ids are decoded with the student tokenizer (special tokens dropped)
-    and the text is encoded with the teacher tokenizer, so each model sees
+    and the text is encoded with the teacher tokenizer, so each model receives
     its own tokenisation of one string. `context_ids` (the student's prompt)
     are decoded in front of the ids and cut off again, which keeps the
     response's leading space that a decoder drops at the start of a text.
@@ -653,10 +653,10 @@ def _as_id_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
 def _decoded_spans(view: _TokenizerView, context: list[int], ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
     """Decode `context + ids` and return the text after the context with each id's character span.
 
-    Each prefix is decoded in turn. A token whose prefix is not yet a prefix
-    of the full text (part of a multi-byte character, or a decoder that
-    rewrites earlier text) is grouped with the following tokens until the
-    text agrees again, and every token of a group gets the group's span.
+    Each prefix is decoded in turn. A token whose decoded prefix is not yet a
+    prefix of the full text (part of a multi-byte character, or a decoder
+    that rewrites earlier text) is grouped with the following tokens until
+    the text agrees again. Every token of a group gets the group's span.
     This costs one decode per token, O(n²) characters in all.
     """
     full = view.decode(context + ids)

@@ -291,9 +291,9 @@ def test_dskd_case_matches(case):
     recorded = sorted(key[len("grad_") :] for key in outputs if key.startswith("grad_") and not key.endswith("_is_none"))
     absent = sorted(key[len("grad_") : -len("_is_none")] for key in outputs if key.endswith("_is_none"))
     assert set(recorded) | set(absent) <= set(named), f"gradients of unknown leaves: {set(recorded) | set(absent) - set(named)}"
-    wanted = recorded + absent
-    grads = torch.autograd.grad(loss, [named[name] for name in wanted], allow_unused=True)
-    for name, grad in zip(wanted, grads):
+    checked = recorded + absent
+    grads = torch.autograd.grad(loss, [named[name] for name in checked], allow_unused=True)
+    for name, grad in zip(checked, grads):
         if name in absent:
             assert grad is None or not grad.any(), f"{name} should get no gradient"
             continue
