@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -618,3 +620,27 @@ def test_retokenize_rejects_foreign_ids(unigram, byte_bpe):
 def test_retokenize_rejects_tokenizer_without_offsets(byte_bpe):
     with pytest.raises(ConfigError, match="has no fast backend"):
         retokenize([1, 2], object(), byte_bpe)
+
+
+BUILTIN_TOKENIZERS = Path(__file__).resolve().parents[1] / "kdsl" / "builtins" / "tokenizers"
+
+
+@pytest.mark.skipif(
+    not (BUILTIN_TOKENIZERS / "unigram-3000" / "tokenizer.json").exists()
+    or not (BUILTIN_TOKENIZERS / "bpe-4096" / "tokenizer.json").exists(),
+    reason="the builtin tokenizers bpe-4096 and unigram-3000 are not in this checkout",
+)
+@pytest.mark.parametrize(("student_name", "teacher_name"), [("unigram-3000", "bpe-4096"), ("bpe-4096", "unigram-3000")])
+def test_retokenize_builtin_tokenizers(student_name, teacher_name):
+    from tokenizers import Tokenizer
+
+    student = Tokenizer.from_file(str(BUILTIN_TOKENIZERS / student_name / "tokenizer.json"))
+    teacher = Tokenizer.from_file(str(BUILTIN_TOKENIZERS / teacher_name / "tokenizer.json"))
+    prompt = "ROMEO:\nBut soft, what light"
+    prompt_ids = student.encode(prompt).ids
+    full_ids = student.encode(prompt + " through yonder window breaks?").ids
+    assert full_ids[: len(prompt_ids)] == prompt_ids
+    alignment = retokenize(full_ids[len(prompt_ids) :], student, teacher, context_ids=prompt_ids)
+    assert alignment.text == " through yonder window breaks?"
+    assert alignment.teacher_ids == teacher.encode(alignment.text).ids
+    check_alignment(alignment, teacher)
