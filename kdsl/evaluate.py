@@ -981,8 +981,9 @@ def evaluate_checkpoints(
         logger.info("evaluating %s on %d pairs", label, len(pairs))
         result = CheckpointEvaluation(label=label)
         if chosen & _HELDOUT_METRICS:
+            # Without `kl` the teacher stays out, so a student with another vocabulary still gets CE.
             result.heldout = heldout_metrics(
-                student, teacher, tokenizer, pairs, batch_size=batch_size,
+                student, teacher if "kl" in chosen else None, tokenizer, pairs, batch_size=batch_size,
                 max_prompt_tokens=settings["data.max_prompt_tokens"],
                 max_response_tokens=settings["data.max_response_tokens"],
                 bootstrap=bootstrap, seed=seed,

@@ -485,6 +485,18 @@ def test_format_table_rows():
     assert lengths == ["1", "2", "4", "8", "16", "20"]
 
 
+def test_checkpoints_ce_only_skips_teacher(student, tokenizer):
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=10, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    results = ev.evaluate_checkpoints(
+        {"eval.max_pairs": 2}, {"mine": student}, None, teacher=teacher, tokenizer=tokenizer, pairs=PAIRS, metrics=["ce"]
+    )
+    assert list(results) == ["mine"]
+    assert results["mine"].heldout.num_pairs == 2
+    assert results["mine"].heldout.kl is None
+    assert results["mine"].rouge is None
+    assert results["mine"].exposure is None
+
+
 def test_unknown_metric_suggests_name(teacher, tokenizer):
     with pytest.raises(ConfigError, match=r"unknown evaluation metric 'rouge'; did you mean 'rouge_l'\?"):
         ev.evaluate_checkpoints({}, [teacher], None, teacher=teacher, tokenizer=tokenizer, pairs=PAIRS, metrics=["rouge"])
