@@ -94,6 +94,7 @@ DENOMINATORS = {
     "tokens_x_vocab": "sum / (valid tokens × vocabulary size) (num_items=N·V)",
     "batch_rows": "sum / first dimension of the logits (num_items=B)",
     "fixed": "sum / a fixed count (num_items=that count)",
+    "sample_mean": "mean over samples of each sample's token mean",
 }
 
 
@@ -142,6 +143,9 @@ class Alias:
             return valid * vocab
         if self.denominator == "batch_rows":
             return int(labels.shape[0])
+        if self.denominator == "sample_mean":
+            raise ValueError("a per-sample mean has no num_items equivalent; weight each token by 1/T "
+                             "and set reduction = \"sequence\"")
         return self.fixed_items
 
 
@@ -232,9 +236,9 @@ def trl_gold_uld(config: dict) -> Alias:
         "huggingface/trl",
         f"GOLD ULDLoss(crossentropy_weight={ce_weight:g}, distillation_weight={uld_weight:g}, "
         f"temperatures={t_s:g}/{t_t:g}, skip_eos={skip}, extended=False)",
-        tuple(terms), "tokens", handled_by=PROJECTION,
-        note="positions aligned by truncating both answers to the shorter length (minus EOS when skipped); "
-        "per-sample mean then mean over samples",
+        tuple(terms), "sample_mean", handled_by=PROJECTION,
+        note="positions are aligned by truncating both responses to the shorter length (less the EOS when skipped); "
+        "the CE is a token mean over the student's own labels",
     )
 
 
@@ -333,26 +337,37 @@ def dskd_cross_entropy(label_smoothing: float) -> Alias:
 def dskd_full(criterion: str, args: dict) -> Alias:
     rate = float(args["kd_rate"])
     t = float(args["kd_temperature"])
+    rest = _complement(rate)
     if criterion == "VariousDivergence":
         atom = _dskd_atom(args["kd_objective"], t, t, float(args["skew_lambda"]))
         return Alias(
             "songmzhang/DSKD", f"VariousDivergence(kd_rate={rate:g}, kd_objective={args['kd_objective']!r}, "
-            f"kd_temperature={t:g}) / batch_denom", ((1.0 - rate, Atom("CE")), (rate, atom)), "tokens",
+            f"kd_temperature={t:g}) / batch_denom", ((rest, Atom("CE")), (rate, atom)), "tokens",
             note="batch_denom = valid student tokens, so the result is a token mean",
         )
     if criterion == "UniversalLogitDistillation":
         return Alias(
             "songmzhang/DSKD", f"UniversalLogitDistillation(kd_rate={rate:g}) / batch_denom",
-            ((1.0 - rate, Atom("CE")), (rate, Atom("ULD", (o, q)))), "tokens", handled_by=PROJECTION,
+            ((rest, Atom("CE")), (rate, Atom("ULD", (o, q)))), "tokens", handled_by=PROJECTION,
             note="each sequence is rolled so that its first valid label is at index 0; "
             "ULD is summed where both sides are valid and divided by the valid student tokens",
         )
-    projected = Atom("KL", (Model("o→q", None), q))
+
+    # Dual-Space KD: the student-space term uses kd_objective against the projected teacher o→q,
+    # the teacher-space term is always the forward KL against the projected student q→o.
+    t_teacher = t * float(args["teacher_temperature"]) if criterion == "DualSpaceKDWithCMA" else t
+    projected_teacher, projected_student = Model("o→q", t_teacher), Model("q→o", t)
+    if args["kd_objective"] == "reverse_kl":
+        student_space = Atom("KL", (student(t), projected_teacher))
+    else:
+        student_space = Atom("KL", (projected_teacher, student(t)))
+    teacher_space = Atom("KL", (teacher(t), projected_student))
     return Alias(
         "songmzhang/DSKD", f"{criterion}(kd_rate={rate:g}, kd_objective={args['kd_objective']!r}, "
         f"kd_temperature={t:g}) / batch_denom",
-        ((1.0 - rate, Atom("CE")), (rate, projected)), "tokens", handled_by=PROJECTION,
-        note="Dual-Space KD: the projected teacher o→q and its own CE and KL terms",
+        ((rest, Atom("CE")), (rate, student_space), (rate, teacher_space)), "tokens", handled_by=PROJECTION,
+        note="the projectors also train on their own CE of o→q; with CMA only tokens where o→q "
+        "predicts the label count in the student-space term",
     )
 
 
@@ -428,38 +443,35 @@ def liger_cosine(constructor: dict) -> Alias:
 # --- Cases -----------------------------------------------------------------------------------
 
 
+# (marker in the case's function name, builder from the case JSON), tried in order.
+_BUILDERS = [
+    ("GKDTrainer.generalized_jsd_loss", lambda case: trl_generalized_jsd(case["call"])),
+    ("GOLDTrainer.generalized_jsd_loss", lambda case: trl_generalized_jsd(case["call"], gold=True)),
+    ("ULDLoss", lambda case: trl_gold_uld(case["call"]["config"])),
+    ("_chunked_divergence_loss", lambda case: trl_chunked_divergence(case["call"])),
+    ("distillm/losses.py::", lambda case: distillm(case["function"].split("::")[1], case["call"].get("lam"))),
+    ("compute_cross_entropy_loss",
+     lambda case: dskd_cross_entropy(float(case["call"]["constructor_args"]["label_smoothing"]))),
+    ("VariousDivergence.compute_", lambda case: dskd_various_divergence(
+        case["call"]["constructor_args"], case["call"]["method"], case["call"]["use_tea_temp"],
+        case["call"]["reduction"])),
+    ("code/criterions/", lambda case: dskd_full(case["call"]["criterion"], case["call"]["constructor_args"])),
+    ("LigerJSDFunction", lambda case: liger_jsd(case["call"])),
+    ("LigerKLDivLossFunction", lambda case: liger_kldiv(case["call"])),
+    ("LigerTVDLossFunction", lambda case: liger_tvd(case["call"])),
+    ("LigerFusedLinearJSDFunction", lambda case: liger_fused_linear_jsd(
+        float(case["call"]["jsd_beta"]), float(case["call"]["temperature"]))),
+    ("CosineSimilarityLoss", lambda case: liger_cosine(case["call"]["constructor"])),
+    ("LigerFusedLinearJSDLoss", lambda case: liger_chunked_jsd(case["call"]["constructor"])),
+]
+
+
 def alias_for_case(case: dict) -> Alias:
     """Build the alias of one reference case from its function name and call arguments."""
-    function, call = case["function"], case["call"]
-    if "GKDTrainer.generalized_jsd_loss" in function:
-        return trl_generalized_jsd(call)
-    if "GOLDTrainer.generalized_jsd_loss" in function:
-        return trl_generalized_jsd(call, gold=True)
-    if "ULDLoss" in function:
-        return trl_gold_uld(call["config"])
-    if "_chunked_divergence_loss" in function:
-        return trl_chunked_divergence(call)
-    if function.startswith("distillm/losses.py::"):
-        return distillm(function.split("::")[1], call.get("lam"))
-    if "compute_cross_entropy_loss" in function:
-        return dskd_cross_entropy(float(call["constructor_args"]["label_smoothing"]))
-    if "VariousDivergence.compute_" in function:
-        return dskd_various_divergence(call["constructor_args"], call["method"], call["use_tea_temp"], call["reduction"])
-    if "criterions/" in function and call.get("criterion"):
-        return dskd_full(call["criterion"], call["constructor_args"])
-    if "LigerJSDFunction" in function:
-        return liger_jsd(call)
-    if "LigerKLDivLossFunction" in function:
-        return liger_kldiv(call)
-    if "LigerTVDLossFunction" in function:
-        return liger_tvd(call)
-    if "LigerFusedLinearJSDFunction" in function:
-        return liger_fused_linear_jsd(float(call["jsd_beta"]), float(call["temperature"]))
-    if "cosine" in function.lower():
-        return liger_cosine(call["constructor"])
-    if "LigerFusedLinearJSDLoss" in function or "jsd_loss" in function:
-        return liger_chunked_jsd(call["constructor"])
-    raise KeyError(f"no alias for peer function {function!r}; add a builder to tests/conformance/aliases.py")
+    for marker, build in _BUILDERS:
+        if marker in case["function"]:
+            return build(case)
+    raise KeyError(f"no alias for peer function {case['function']!r}; add a builder to tests/conformance/aliases.py")
 
 
 # Output keys of the cross-peer cases: `<family>.<peer function>` on shared inputs.
@@ -512,6 +524,8 @@ PEER_ERRORS = {
     "dropping the student's λ·q·log(1/λ) share of the JS",
     "distillm_skewed_reverse_kl_lam0.1_teacher_neginf": "DistiLLM zeroes the terms where the teacher logit is -inf, "
     "dropping q·log(1/λ) from KL(q ‖ (1−λ)·o + λ·q)",
+    "dskd_vd_reverse_kl_teacher_neginf": "DSKD zeroes the terms where the teacher logit is -inf, "
+    "but the student has mass there, so KL(q ‖ o) is +inf (DSKD's gradient is NaN as well)",
     "dskd_vd_js_divergence_teacher_neginf": "DSKD zeroes the terms where the teacher logit is -inf, "
     "dropping the student's ½·q·log 2 share of the JS",
 }

@@ -1,4 +1,4 @@
-"""Turn each stored peer reference case into checks: an alias, the inputs kdsl sees, and the peer's numbers.
+"""Turn each stored peer reference case into checks: an alias, the inputs kdsl receives, and the peer's numbers.
 
 A case stores the peer's own inputs (logits, log-probabilities,
 probabilities or hidden states with an output head). A `Check` rebuilds from
@@ -252,7 +252,7 @@ def _cross_peer(name, case, inputs, outputs, alias) -> list[Check]:
 
 
 def _gold_uld(name, case, inputs, outputs, alias) -> list[Check]:
-    """GOLD: truncate both answers to the shorter length (minus a skipped EOS), per-sample mean, batch mean."""
+    """GOLD: truncate both responses to the shorter length (less a skipped EOS), per-sample mean, batch mean."""
     config = case["call"]["config"]
     s_labels, t_labels = inputs["student_labels"], inputs["teacher_labels"]
     batch = s_labels.shape[0]
@@ -277,19 +277,17 @@ def _gold_uld(name, case, inputs, outputs, alias) -> list[Check]:
     def build(leaves):
         return leaves["student_logits"].flatten(0, 1)[index_s], teacher
 
-    aligned_labels = torch.zeros(len(index_s), dtype=torch.long)
-    checks = []
+    # GOLD adds the student's next-token CE on labels shifted by one, a mean over valid tokens.
+    # The check removes it from the loss and the gradient, so it covers the ULD term alone.
     ce_weight = float(config["uld_crossentropy_weight"])
-    expected = outputs["loss"]
-    if ce_weight:
-        # GOLD adds the student's next-token CE on labels shifted by one, a mean over valid tokens.
-        logits = inputs["student_logits"][:, :-1].float()
-        shifted = s_labels[:, 1:]
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=-100)
-        expected = expected - ce_weight * ce
-    checks.append(Check(name, case["peer"], "loss", uld_alias, {"student_logits": inputs["student_logits"]}, build,
-                        aligned_labels, expected, position_weight=torch.cat(weights)))
-    return checks
+    leaf = inputs["student_logits"].detach().clone().requires_grad_(True)
+    ce = torch.nn.functional.cross_entropy(leaf[:, :-1].flatten(0, 1), s_labels[:, 1:].flatten(), ignore_index=-100)
+    (ce_grad,) = torch.autograd.grad(ce_weight * ce, leaf)
+    expected = outputs["loss"] - ce_weight * ce.detach()
+    grads = {"student_logits": outputs["grad_student_logits"] - ce_grad}
+    aligned_labels = torch.zeros(len(index_s), dtype=torch.long)
+    return [Check(name, case["peer"], "loss", uld_alias, {"student_logits": inputs["student_logits"]}, build,
+                  aligned_labels, expected, grads, position_weight=torch.cat(weights))]
 
 
 def _dskd_uld(name, case, inputs, outputs, alias) -> list[Check]:
@@ -317,13 +315,17 @@ def _dskd_uld(name, case, inputs, outputs, alias) -> list[Check]:
         return logits.flatten(0, 1)[index_s], teacher
 
     labels = torch.where(mask, 0, -100)
-    # Remove DSKD's CE part: (1 - rate) · Σ NLL / batch_denom over the unrolled valid student tokens.
-    student_logits = outputs["student_logits"]
-    nll = torch.nn.functional.cross_entropy(student_logits.flatten(0, 1), s_labels.flatten(), ignore_index=-100,
-                                            reduction="sum")
-    expected = outputs["loss"] - (1.0 - rate) * nll / denominator
+    # Remove DSKD's CE part, (1 - rate) · Σ NLL / batch_denom over the valid student tokens,
+    # from the loss and the gradients, so that the check covers the ULD term alone.
     leaves = {"student_hidden": inputs["student_hidden"], "student_lm_head": inputs["student_lm_head"]}
-    return [Check(name, case["peer"], "loss", uld_alias, leaves, build, labels, expected,
+    hidden, head = (leaves[k].detach().clone().requires_grad_(True) for k in ("student_hidden", "student_lm_head"))
+    nll = torch.nn.functional.cross_entropy((hidden @ head.t()).flatten(0, 1), s_labels.flatten(),
+                                            ignore_index=-100, reduction="sum")
+    ce_part = (1.0 - rate) * nll / denominator
+    ce_grads = torch.autograd.grad(ce_part, [hidden, head])
+    expected = outputs["loss"] - ce_part.detach()
+    grads = {k: outputs[f"grad_{k}"] - g for k, g in zip(("student_hidden", "student_lm_head"), ce_grads)}
+    return [Check(name, case["peer"], "loss", uld_alias, leaves, build, labels, expected, grads,
                   position_weight=torch.full((len(index_s),), 1.0 / denominator))]
 
 

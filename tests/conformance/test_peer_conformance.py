@@ -8,9 +8,9 @@ Two routes evaluate each alias:
 - `test_compiled_alias_matches_peer` compiles the alias text with
   `kdsl.compile` and compares the compiled objective's loss and gradient.
 
-Where the peer returns NaN or inf although the quantity is finite (-inf
-logits, ±1e4 logits, no valid token), kdsl must return a finite value equal
-to the float64 reference in tests/reference64.py, and a finite gradient
+Some peers return NaN or inf for a finite quantity (-inf logits, ±1e4
+logits, no valid token). There kdsl must return a finite value equal to the
+float64 reference in tests/reference64.py. Its gradient must be finite and
 equal to the reference's central differences.
 """
 
