@@ -14,6 +14,7 @@ renders as
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 
@@ -59,13 +60,12 @@ class Diagnostic:
             if source_line is not None:
                 number = str(self.span.line)
                 gutter = " " * len(number)
-                if self.span.end_line == self.span.line:
-                    width = max(1, self.span.end_column - self.span.column)
-                else:
-                    width = max(1, len(source_line) - self.span.column + 1)
-                prefix = _display_prefix(source_line, self.span.column - 1)
+                start = self.span.column - 1
+                end = self.span.end_column - 1 if self.span.end_line == self.span.line else len(source_line)
+                prefix = _display_prefix(source_line, start)
+                width = max(1, _display_width(source_line[start:end]))
                 lines.append(f" {gutter} |")
-                lines.append(f" {number} | {source_line}")
+                lines.append(f" {number} | {_visible(source_line)}")
                 lines.append(f" {gutter} | {prefix}{'^' * width}")
         if self.hint:
             lines.append(f"  = hint: {self.hint}")
@@ -83,7 +83,21 @@ def _line_of(source: str, line: int) -> str | None:
 
 def _display_prefix(line: str, count: int) -> str:
     """Blank out the first `count` characters of `line`, keeping tabs so the caret lines up."""
-    return "".join("\t" if ch == "\t" else " " for ch in line[:count])
+    return "".join("\t" if ch == "\t" else " " * _char_width(ch) for ch in line[:count])
+
+
+def _char_width(ch: str) -> int:
+    """Return the terminal columns of one character: 2 for wide East Asian characters, else 1."""
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def _display_width(text: str) -> int:
+    return sum(_char_width(ch) for ch in text)
+
+
+def _visible(line: str) -> str:
+    """Replace control and format characters (NUL, bidirectional overrides) so the echoed line is safe to print."""
+    return "".join(ch if ch == "\t" or unicodedata.category(ch) not in ("Cc", "Cf") else "\ufffd" for ch in line)
 
 
 class KdslError(Exception):

@@ -276,6 +276,8 @@ class Objective:
     warnings: list[Diagnostic] = field(default_factory=list)
     path: str = "<string>"
     source_text: str = ""
+    # The parsed spec (a `kdsl.ast.Spec`), kept for printers that show the user's names and term order.
+    syntax: Any = field(default=None, repr=False, compare=False)
 
     def terms_of_group(self, group: int) -> list[Term]:
         return [term for term in self.terms if term.group == group]

@@ -2,12 +2,15 @@
 
 The grammar lives in `grammar/kd.lark` (LALR). Lark's exceptions are turned
 into kdsl diagnostics here, so its internal terminal names never reach the
-user.
+user. Parsing also enforces the limits that keep hostile input cheap: the
+size of the text, the nesting depth of expressions and the range of numeric
+literals.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import unicodedata
 from importlib import resources
 from pathlib import Path
@@ -16,10 +19,14 @@ import lark
 from lark import Token, Transformer, v_args
 
 from kdsl import ast
-from kdsl.errors import Diagnostic, SpecError, Span
+from kdsl.errors import ConfigError, Diagnostic, SpecError, Span
 
-MAX_SPEC_CHARS = 1_000_000
-MAX_NESTING = 64
+MAX_SPEC_CHARS = 100_000
+# Deepest nesting of the parse tree: brackets, calls and operator chains all
+# count, so `1 + 1 + ... + 1` with more than this many terms is rejected too.
+MAX_NESTING = 200
+MAX_NUMBER_CHARS = 40
+MAX_NUMBER = 1e300
 
 # ASCII spellings of Greek letters; a name spelled either way is one name.
 GREEK = {
@@ -27,7 +34,12 @@ GREEK = {
     "eta": "η", "theta": "θ", "iota": "ι", "kappa": "κ", "lambda": "λ", "mu": "μ",
     "nu": "ν", "xi": "ξ", "pi": "π", "rho": "ρ", "sigma": "σ", "tau": "τ",
     "upsilon": "υ", "phi": "φ", "chi": "χ", "psi": "ψ", "omega": "ω",
+    "Gamma": "Γ", "Delta": "Δ", "Theta": "Θ", "Lambda": "Λ", "Xi": "Ξ", "Pi": "Π",
+    "Sigma": "Σ", "Upsilon": "Υ", "Phi": "Φ", "Psi": "Ψ", "Omega": "Ω",
 }
+# Other ASCII spellings of one-letter operators of the language.
+ASCII_SPELLINGS = {"sum": "Σ"}
+ASCII_OF = {letter: word for word, letter in {**GREEK, **ASCII_SPELLINGS}.items()}
 
 # Human words for the grammar's terminals, used in "expected ..." messages.
 TERMINAL_WORDS = {
@@ -37,6 +49,8 @@ TERMINAL_WORDS = {
     "PLUS": "'+'", "MINUS": "'-'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['",
     "RSQB": "']'", "EQUAL": "'='", "$END": "the end of the spec",
 }
+EXPRESSION_STARTS = {"NAME", "NUMBER", "STRING", "E_OPEN", "LPAR", "MINUS", "PLUS"}
+OPERATORS = {"PLUS", "MINUS", "TIMES", "DIVIDE", "POWER", "COMPARE", "ARROW"}
 
 CANONICAL_OPERATORS = {
     "·": "*", "×": "*", "⋅": "*", "*": "*", "/": "/", "+": "+", "-": "-", "−": "-",
@@ -46,9 +60,20 @@ CANONICAL_OPERATORS = {
 
 
 def canonical_name(text: str) -> str:
-    """Return the one spelling of a name: NFKC look-alikes folded (ϕ→φ, ϵ→ε), ASCII Greek to letters."""
+    """Return the one spelling of a name.
+
+    Compatibility look-alikes are folded by Unicode NFKC (ϕ→φ, ϵ→ε, µ→μ, 𝜆→λ,
+    fullwidth letters to ASCII). ASCII Greek words become letters, both as a
+    whole name (`lambda` → `λ`) and as parts between underscores (`alpha_kd`
+    → `α_kd`); `sum` becomes `Σ`. Dotted names are settings and keep their
+    ASCII spelling.
+    """
     folded = unicodedata.normalize("NFKC", text)
-    return GREEK.get(folded, folded)
+    if "." in folded:
+        return folded
+    if folded in ASCII_SPELLINGS:
+        return ASCII_SPELLINGS[folded]
+    return "_".join(GREEK.get(part, part) for part in folded.split("_"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,44 +89,143 @@ def parse(text: str, path: str = "<string>") -> ast.Spec:
         tree = _parser().parse(text)
     except lark.exceptions.UnexpectedInput as error:
         raise SpecError([_syntax_diagnostic(error, text, path)], text) from None
-    statements = _Builder(path).transform(tree)
-    return ast.Spec(tuple(statements.children if isinstance(statements, lark.Tree) else statements), path, text)
+    _check_depth(tree, text, path)
+    builder = _Builder(path)
+    statements = builder.transform(tree)
+    if builder.diagnostics:
+        raise SpecError(builder.diagnostics, text)
+    return ast.Spec(tuple(statements), path, text)
 
 
 def parse_file(path: str | Path) -> ast.Spec:
-    """Read and parse a spec file."""
+    """Read and parse a spec file (UTF-8)."""
     file = Path(path)
     if not file.is_file():
-        from kdsl.errors import ConfigError
-
         raise ConfigError(f"spec file not found: {str(path)!r}; pass the path of an existing .kd file")
-    return parse(file.read_text(encoding="utf-8"), str(path))
+    data = file.read_bytes()
+    return parse(decode(data, str(path)), str(path))
+
+
+def decode(data: bytes, path: str) -> str:
+    """Decode spec bytes as UTF-8; an invalid byte is a positioned error (KD004)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        good = data[: error.start].decode("utf-8")
+        line = good.count("\n") + 1
+        column = len(good) - (good.rfind("\n") + 1) + 1
+        shown = data[: error.start].decode("utf-8") + "\ufffd" + data[error.end:].decode("utf-8", errors="replace")
+        diagnostic = Diagnostic("KD004", f"the spec is not valid UTF-8: byte 0x{data[error.start]:02x} cannot start a character here",
+                                Span(path, line, column, line, column + 1), "save the file as UTF-8")
+        raise SpecError([diagnostic], shown) from None
 
 
 def _check_size(text: str, path: str) -> None:
     if len(text) > MAX_SPEC_CHARS:
         span = Span(path, 1, 1, 1, 2)
-        raise SpecError([Diagnostic("KD001", f"spec is too long: {len(text)} characters, the maximum is {MAX_SPEC_CHARS}", span,
-                                    "split the spec or remove generated text")], text)
-    depth = 0
-    line, column = 1, 1
-    for ch in text:
-        if ch in "([":
-            depth += 1
-            if depth > MAX_NESTING:
-                span = Span(path, line, column, line, column + 1)
-                raise SpecError([Diagnostic("KD002", f"expression nested too deeply: more than {MAX_NESTING} open brackets", span,
-                                            "define parts of the expression as separate functions")], text)
-        elif ch in ")]":
-            depth = max(0, depth - 1)
-        if ch == "\n":
-            line, column = line + 1, 1
-        else:
-            column += 1
+        raise SpecError([Diagnostic("KD001", f"the spec is too long: {len(text)} characters, the maximum is {MAX_SPEC_CHARS}",
+                                    span, "split the spec or remove generated text")], text)
 
 
-def _end_of_input_span(text: str, path: str) -> Span:
-    """Point just past the last non-blank character of the text."""
+def _check_depth(tree: lark.Tree, text: str, path: str) -> None:
+    """Reject parse trees nested deeper than MAX_NESTING, walking the tree without recursion."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            span = _tree_span(node, path)
+            raise SpecError([Diagnostic("KD002", f"the expression is nested too deeply: more than {MAX_NESTING} levels "
+                                        "of brackets, calls or operators", span,
+                                        "define parts of the expression as separate functions")], text)
+        for child in node.children:
+            if isinstance(child, lark.Tree):
+                stack.append((child, depth + 1))
+
+
+def _tree_span(node: lark.Tree, path: str) -> Span:
+    meta = node.meta
+    if not getattr(meta, "empty", True):
+        return Span(path, meta.line, meta.column, meta.line, meta.column + 1)
+    return Span(path, 1, 1, 1, 2)
+
+
+# --- syntax errors ------------------------------------------------------------------------
+
+
+def _syntax_diagnostic(error: lark.exceptions.UnexpectedInput, text: str, path: str) -> Diagnostic:
+    if isinstance(error, lark.exceptions.UnexpectedCharacters):
+        return _character_diagnostic(error, text, path)
+    tokens = _tokens_before(text, error)
+    expected = _acceptable(error)
+    at_end = not isinstance(error, lark.exceptions.UnexpectedToken) or error.token.type == "$END"
+    stray = _stray_name(tokens, expected)
+    if stray is not None:
+        return stray_name_diagnostic(stray, path, at_end)
+    if not at_end:
+        token = error.token
+        span = Span(path, token.line, token.column, token.line, token.column + max(1, len(str(token))))
+        message = f"unexpected {_token_word(token)}; expected {describe_expected(expected)}"
+        return Diagnostic("KD011", message, span, _token_hint(token, expected))
+    span = _end_of_input_span(text, tokens, path)
+    message = "unexpected end of the spec" + (f"; expected {describe_expected(expected)}" if expected else "")
+    return Diagnostic("KD012", message, span, _end_hint(text, tokens))
+
+
+def _character_diagnostic(error: lark.exceptions.UnexpectedCharacters, text: str, path: str) -> Diagnostic:
+    char = text[error.pos_in_stream] if error.pos_in_stream < len(text) else ""
+    span = Span(path, error.line, error.column, error.line, error.column + 1)
+    hint = "names use letters, digits, '_' and '.'; strings use double quotes; comments start with '#'"
+    if char in "{}":
+        hint = "use parentheses ( ) for grouping"
+    elif char in "\"'":
+        hint = "a string ends on the line where it starts, with the same quote"
+    elif char == ";":
+        hint = "statements need no separator: start the next statement on its own line"
+    elif char == "!":
+        hint = "there is no '!' operator; compare with <=, >=, <, > or =="
+    elif char.isdigit():
+        hint = "a name cannot start with a digit"
+    elif unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+        hint = f"remove the invisible character {unicodedata.name(char, 'U+%04X' % ord(char))}"
+    return Diagnostic("KD010", f"unexpected character {char!r} (U+{ord(char):04X})" if char else "unexpected character", span, hint)
+
+
+def _tokens_before(text: str, error) -> list[Token]:
+    """Return the tokens before the error position (comments and blanks skipped)."""
+    limit = error.pos_in_stream if getattr(error, "pos_in_stream", None) is not None else len(text)
+    if isinstance(error, lark.exceptions.UnexpectedToken) and error.token.type == "$END":
+        limit = len(text)
+    tokens = []
+    try:
+        for token in _parser().lex(text[:limit]):
+            tokens.append(token)
+    except lark.exceptions.LarkError:
+        pass
+    return tokens
+
+
+def _stray_name(tokens: list[Token], expected: set[str]) -> Token | None:
+    """Return a name that starts a statement but is neither assigned nor defined (`... KL(o‖q) CE`)."""
+    if not tokens or tokens[-1].type != "NAME" or not expected or not expected <= {"LPAR", "EQUAL"}:
+        return None
+    if len(tokens) >= 2 and tokens[-2].type in ("RPAR", "RSQB", "NAME", "NUMBER", "STRING"):
+        return tokens[-1]
+    return None
+
+
+def stray_name_diagnostic(token: Token, path: str, at_end: bool) -> Diagnostic:
+    span = Span(path, token.line, token.column, token.line, token.column + len(str(token)))
+    return Diagnostic(
+        "KD013", f"{str(token)!r} does not continue the expression before it and does not start a statement",
+        span, f"join it with an operator, as in '+ {token}' or '· {token}', or start a statement: '{token} = ...'",
+    )
+
+
+def _end_of_input_span(text: str, tokens: list[Token], path: str) -> Span:
+    """Point just past the last token, or at the first column of an empty spec."""
+    if tokens:
+        last = tokens[-1]
+        return Span(path, last.end_line, last.end_column, last.end_line, last.end_column + 1)
     stripped = text.rstrip()
     if not stripped:
         return Span(path, 1, 1, 1, 2)
@@ -110,39 +234,39 @@ def _end_of_input_span(text: str, path: str) -> Span:
     return Span(path, line, column, line, column + 1)
 
 
-def _describe_expected(expected) -> str:
-    words = sorted({TERMINAL_WORDS.get(name, _literal_word(name)) for name in expected})
-    if len(words) > 6:
-        words = words[:6] + ["..."]
-    return ", ".join(words)
+def _end_hint(text: str, tokens: list[Token]) -> str:
+    depth = 0
+    for token in tokens:
+        if token.type in ("LPAR", "LSQB", "E_OPEN"):
+            depth += 1
+        elif token.type in ("RPAR", "RSQB"):
+            depth -= 1
+    if depth > 0:
+        return f"{depth} bracket{'s are' if depth > 1 else ' is'} still open: close {'them' if depth > 1 else 'it'}"
+    if tokens and tokens[-1].type in OPERATORS | {"EQUAL", "SAMPLE", "COMMA", "PARALLEL"}:
+        return f"an expression must follow {str(tokens[-1])!r}"
+    return "finish the statement"
 
 
-def _literal_word(name: str) -> str:
-    pattern = _parser().get_terminal(name).pattern if name in {t.name for t in _parser().terminals} else None
-    if pattern is not None and pattern.type == "str":
-        return repr(pattern.value)
-    return name.lower()
-
-
-def _syntax_diagnostic(error: lark.exceptions.UnexpectedInput, text: str, path: str) -> Diagnostic:
-    if isinstance(error, lark.exceptions.UnexpectedCharacters):
-        char = text[error.pos_in_stream] if error.pos_in_stream < len(text) else ""
-        span = Span(path, error.line, error.column, error.line, error.column + 1)
-        hint = "strings use double quotes; names use letters, digits, '_' and '.'"
-        if char in "{}":
-            hint = "use parentheses ( ) for grouping"
-        return Diagnostic("KD010", f"unexpected character {char!r}", span, hint)
-    if isinstance(error, lark.exceptions.UnexpectedToken) and error.token.type != "$END":
-        token = error.token
-        length = max(1, len(str(token)))
-        span = Span(path, token.line, token.column, token.line, token.column + length)
-        expected = _describe_expected(_acceptable(error))
-        hint = _token_hint(token, error.expected)
-        return Diagnostic("KD011", f"unexpected {_token_word(token)}; expected {expected}", span, hint)
-    expected = _describe_expected(_acceptable(error))
-    span = _end_of_input_span(text, path)
-    message = "unexpected end of the spec" + (f"; expected {expected}" if expected else "")
-    return Diagnostic("KD012", message, span, "finish the statement or close the open bracket")
+def describe_expected(expected: set[str]) -> str:
+    """Turn a set of grammar terminals into words: "an expression", "an operator", "')'"."""
+    remaining = set(expected)
+    words = []
+    if {"NAME", "NUMBER", "LPAR"} <= remaining:
+        words.append("an expression")
+        remaining -= EXPRESSION_STARTS
+    if {"TIMES", "DIVIDE"} <= remaining:
+        words.append("an operator")
+        remaining -= OPERATORS
+    if {"NAME", "$END"} <= remaining:
+        words.append("a new statement")
+        remaining -= {"NAME", "EVAL"}
+    words += sorted(TERMINAL_WORDS.get(name, name.lower()) for name in remaining if name != "$END")
+    if "$END" in remaining:
+        words.append(TERMINAL_WORDS["$END"])
+    if len(words) == 1:
+        return words[0]
+    return ", ".join(words[:-1]) + " or " + words[-1]
 
 
 def _acceptable(error: lark.exceptions.UnexpectedInput) -> set[str]:
@@ -151,7 +275,7 @@ def _acceptable(error: lark.exceptions.UnexpectedInput) -> set[str]:
     if interactive is not None:
         try:
             return set(interactive.accepts())
-        except Exception:  # lark cannot always replay the state; fall back to its lookahead set
+        except lark.exceptions.LarkError:  # lark cannot always replay the state; use its lookahead set
             pass
     return set(getattr(error, "expected", None) or [])
 
@@ -166,13 +290,32 @@ def _token_word(token: Token) -> str:
     return repr(str(token))
 
 
-def _token_hint(token: Token, expected) -> str | None:
-    if token.type in ("NAME", "NUMBER", "STRING", "E_OPEN") and "TIMES" in expected:
-        return "two terms side by side need an operator between them, such as '·' or '+'; a new statement starts with 'name ='"
+def _token_hint(token: Token, expected: set[str]) -> str | None:
+    if token.type in ("NAME", "NUMBER", "STRING", "E_OPEN", "LPAR") and "TIMES" in expected:
+        return "two terms side by side need an operator between them, such as '·' or '+'"
     if token.type == "EQUAL":
         return "'=' starts a statement: the left side must be a name or 'name(parameters)'"
+    if token.type == "PARALLEL":
+        return "'‖' separates the two arguments of a divergence, as in KL(o ‖ q)"
+    if token.type == "SAMPLE":
+        return "'~' belongs in E[w ~ D]"
     if "RPAR" in expected or "RSQB" in expected:
         return "a bracket is not closed"
+    return None
+
+
+# --- building the syntax tree -------------------------------------------------------------
+
+
+def number_problem(text: str) -> str | None:
+    """Return why a numeric literal is rejected, or None when it is a finite float64 value."""
+    if len(text) > MAX_NUMBER_CHARS:
+        return f"the number has {len(text)} characters, the maximum is {MAX_NUMBER_CHARS}"
+    value = float(text)
+    if not math.isfinite(value) or value > MAX_NUMBER:
+        return f"the number {text} is too large: the maximum is 1e300"
+    if value == 0 and any(ch in "123456789" for ch in text.lower().split("e")[0]):
+        return f"the number {text} is too small: it rounds to 0 in float64"
     return None
 
 
@@ -181,24 +324,27 @@ def _span(path: str, meta_or_token) -> Span:
 
 
 class _Builder(Transformer):
-    """Turn lark's parse tree into `kdsl.ast` nodes with spans."""
+    """Turn lark's parse tree into `kdsl.ast` nodes with spans; collect literal errors."""
 
     def __init__(self, path: str):
         super().__init__()
         self.path = path
+        self.diagnostics: list[Diagnostic] = []
 
     def _name(self, token: Token) -> ast.Name:
         return ast.Name(canonical_name(str(token)), str(token), _span(self.path, token))
-
-    def _merge(self, first: Span, last: Span) -> Span:
-        return Span(self.path, first.line, first.column, last.end_line, last.end_column)
 
     def start(self, children):
         return list(children)
 
     def number(self, children):
         token = children[0]
-        return ast.Number(float(token), str(token), _span(self.path, token))
+        span = _span(self.path, token)
+        problem = number_problem(str(token))
+        if problem is not None:
+            self.diagnostics.append(Diagnostic("KD003", problem, span, "write a number between 1e-300 and 1e300"))
+            return ast.Number(0.0, "0", span)
+        return ast.Number(float(token), str(token), span)
 
     def string(self, children):
         token = children[0]
