@@ -80,7 +80,8 @@ _DECLARED: list[Setting] = [
     Setting("adaptive.step", float, 0.1, "increase of the probability when validation loss rises", 0.0, 1.0),
     Setting("adaptive.threshold", float, 0.0, "minimum rise of validation loss that counts", 0.0, None),
     Setting("adaptive.replay_capacity", int, 1000, "sequences kept in the replay buffer", 0, None),
-    Setting("adaptive.replay_ratio", float, 0.5, "share of replayed sequences at the start (decreases with progress)", 0.0, 1.0),
+    Setting("adaptive.replay_ratio", float, 0.5, "share of student draws replayed from the buffer when adaptive.fresh_schedule is constant", 0.0, 1.0),
+    Setting("adaptive.fresh_schedule", str, "decreasing", "share of student draws generated afresh: decreasing (1 - progress, DistiLLM's default), constant (1 - adaptive.replay_ratio) or increasing (progress)", choices=("decreasing", "constant", "increasing")),
     # Loss.
     Setting("reduction", str, "token", "token: mean over valid tokens; sequence: sum over each response, mean over sequences", choices=("token", "sequence")),
     Setting("js.endpoint", str, "warn", "JS[β] at β = 0 or 1: warn and use the continuous value (0), or reject", choices=("warn", "error")),

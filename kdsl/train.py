@@ -1,0 +1,842 @@
+"""The training loop on accelerate.
+
+Each optimizer step evaluates the schedules and learning rate and draws one
+batch per sampling group and micro-batch. It counts the scored tokens of the
+whole step over all processes, then runs the teacher without gradient, the
+student and the compiled loss. Backward with accumulation, clipping, the
+optimizer step, logging, evaluation and checkpoints follow. `train()` runs
+this loop for the distilled student and, when `train.baseline` is on, for the
+same student under CE alone, then writes the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from kdsl import checkpoint
+from kdsl.errors import ConfigError
+from kdsl.objective import (
+    LOG_O_SEQ,
+    LOG_O_TOKEN,
+    LOG_REF_SEQ,
+    DataSource,
+    Divergence,
+    FunctionDef,
+    MixtureDist,
+    ModelDist,
+    Objective,
+    ProjectedDist,
+    Scalar,
+    Term,
+)
+from kdsl.samplers import (
+    AdaptiveSampler,
+    Batch,
+    DrawPoint,
+    PairEncoder,
+    Sampler,
+    SamplerContext,
+    build_samplers,
+    collate,
+)
+from kdsl.settings import SETTINGS
+
+logger = logging.getLogger("kdsl.train")
+
+TRAIN_SETTINGS = (
+    "train.seed", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum",
+    "train.lr", "train.projector_lr", "train.weight_decay", "train.warmup_steps", "train.schedule",
+    "train.max_grad_norm", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+    "train.baseline", "train.mixed_precision", "data.max_prompt_tokens", "data.max_response_tokens",
+    "eval.max_pairs",
+)
+
+
+# --- Configuration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The train.* settings the loop reads, checked against the settings registry."""
+
+    seed: int = 0
+    epochs: float = 1.0
+    max_steps: int = 0
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    projector_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    baseline: bool = True
+    mixed_precision: str = "no"
+    max_prompt_tokens: int = 64
+    max_response_tokens: int = 64
+    eval_pairs: int = 200
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "TrainConfig":
+        values = {}
+        for name in TRAIN_SETTINGS:
+            value = settings.get(name, SETTINGS[name].default)
+            check_setting(name, value)
+            field_name = name.split(".", 1)[1]
+            values["eval_pairs" if field_name == "max_pairs" else field_name] = value
+        if values["max_steps"] == 0 and values["epochs"] == 0:
+            raise ConfigError("train.epochs and train.max_steps are both 0: set one of them to train")
+        return cls(**values)
+
+
+def check_setting(name: str, value: Any) -> None:
+    """Raise a ConfigError naming the setting, its value and the accepted range if `value` is invalid."""
+    setting = SETTINGS[name]
+    kind_ok = isinstance(value, setting.kind) or (setting.kind is float and isinstance(value, int))
+    if isinstance(value, bool) and setting.kind is not bool:
+        kind_ok = False
+    if not kind_ok:
+        raise ConfigError(f"{name} = {value!r} has type {type(value).__name__}: expected {setting.describe_range()}")
+    in_range = (
+        (setting.choices is None or value in setting.choices)
+        and (setting.minimum is None or value >= setting.minimum)
+        and (setting.maximum is None or value <= setting.maximum)
+    )
+    if not in_range:
+        raise ConfigError(f"{name} = {value!r} is out of range: expected {setting.describe_range()}")
+
+
+# --- What a run returns ----------------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    """One trained student: the model, its per-step metrics and the tokens it saw."""
+
+    name: str
+    student: Any
+    metrics: list[dict]
+    steps: int
+    tokens: int
+    run_dir: Path
+
+
+@dataclass
+class TrainResult:
+    """The run directory, the distilled student, the CE baseline (if trained) and the report."""
+
+    out_dir: Path
+    student: Any
+    metrics: list[dict]
+    steps: int
+    baseline: FitResult | None = None
+    report: dict | None = None
+    distilled: FitResult | None = field(default=None, repr=False)
+
+
+# --- The loop --------------------------------------------------------------------------
+
+
+class Trainer:
+    """Train one student with one compiled objective; `run()` is the loop."""
+
+    def __init__(self, *, name: str, objective: Objective, compiled: torch.nn.Module, student: Any,
+                 teacher: Any, tokenizer: Any, pairs: Any, heldout: Any, config: TrainConfig,
+                 accelerator: Any, run_dir: Path, ref: Any = None, progress_bar: bool = True):
+        self.name = name
+        self.objective = objective
+        self.config = config
+        self.accelerator = accelerator
+        self.run_dir = Path(run_dir)
+        self.tokenizer = tokenizer
+        self.heldout = heldout
+        self.progress_bar = progress_bar
+        self.world_size = accelerator.num_processes
+        self.inputs = [group_inputs(compiled, objective, k) for k in range(len(objective.groups))]
+        if getattr(compiled, "vocab_size", 0) is None:
+            compiled.vocab_size = len(tokenizer)  # score only the rows the tokenizer uses
+        missing = {"teacher_logits": teacher, "ref_logits": ref}
+        for role, model in missing.items():
+            if model is None and any(role in inputs for inputs in self.inputs):
+                setting = "teacher" if role == "teacher_logits" else "ref"
+                raise ConfigError(f"the objective reads the {setting} model but none is loaded: set {setting} = \"...\"")
+
+        self.teacher = freeze(teacher).to(accelerator.device) if teacher is not None else None
+        self.ref = freeze(ref).to(accelerator.device) if ref is not None else None
+        self.optimizer = build_optimizer(student, compiled, config)
+        self.has_objective_parameters = any(True for _ in compiled.parameters())
+        if self.has_objective_parameters:
+            student, compiled, self.optimizer = accelerator.prepare(student, compiled, self.optimizer)
+        else:
+            student, self.optimizer = accelerator.prepare(student, self.optimizer)
+            compiled = compiled.to(accelerator.device)
+        self.student, self.compiled = student, compiled
+
+        self.steps_per_epoch, self.total_steps = count_steps(len(pairs), config, self.world_size)
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self.encoder = PairEncoder(tokenizer, config.max_prompt_tokens, config.max_response_tokens)
+        context = SamplerContext(
+            pairs=pairs, encoder=self.encoder, settings=objective.settings, seed=config.seed,
+            student=lambda: accelerator.unwrap_model(self.student),
+            teacher=lambda: self.teacher,
+            rank=accelerator.process_index, world_size=self.world_size,
+        )
+        self.samplers = build_samplers(objective.groups, context)
+        self.adaptive = any(contains_adaptive(s) for s in self.samplers)
+
+        self.step = 0
+        self.tokens = 0
+        self.train_seconds = 0.0
+        self.metrics = MetricsLog(self.run_dir, enabled=accelerator.is_main_process)
+
+    # The loop itself.
+
+    def run(self) -> FitResult:
+        """Train from the current step to the last one and save the student."""
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, desc=self.name, dynamic_ncols=True,
+            disable=not (self.progress_bar and self.accelerator.is_main_process),
+        )
+        logger.info("%s: training %d steps (%d per epoch) on %d process(es)",
+                    self.name, self.total_steps, self.steps_per_epoch, self.world_size)
+        if self.adaptive and self.step == 0:
+            self.evaluate(self.point(0))
+
+        for step in range(self.step, self.total_steps):
+            started = time.perf_counter()
+            point = self.point(step)
+
+            micro_batches = self.draw(point)  # [micro][group]
+            num_items = self.count_items(micro_batches)  # one global count per group
+            totals, tokens = self.accumulate(micro_batches, num_items, point)
+            grad_norm = self.clip()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+            self.step = step + 1
+            self.tokens += tokens
+            seconds = time.perf_counter() - started
+            self.train_seconds += seconds
+            record = self.record(point, totals, grad_norm, tokens, seconds, micro_batches)
+            self.metrics.append(record)
+            bar.update(1)
+            bar.set_postfix(progress_postfix(record), refresh=False)
+
+            if self.config.eval_every and self.step % self.config.eval_every == 0 and self.step < self.total_steps:
+                self.evaluate(self.point(self.step))
+            if self.config.save_every and self.step % self.config.save_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+
+        bar.close()
+        self.metrics.flush()
+        self.metrics.close()
+        self.save_student()
+        return FitResult(self.name, self.accelerator.unwrap_model(self.student), self.metrics.records,
+                         self.step, self.tokens, self.run_dir)
+
+    def point(self, step: int) -> DrawPoint:
+        return DrawPoint(
+            epoch=step / self.steps_per_epoch,
+            step=step,
+            progress=step / self.total_steps,
+            seed=self.config.seed,
+        )
+
+    def draw(self, point: DrawPoint) -> list[list[Batch]]:
+        """Draw one batch per sampling group for each micro-batch of the step."""
+        return [
+            [
+                sampler.draw(self.config.batch_size, _at(point, micro=micro, group=group))
+                for group, sampler in enumerate(self.samplers)
+            ]
+            for micro in range(self.config.grad_accum)
+        ]
+
+    def count_items(self, micro_batches: list[list[Batch]]) -> list[int]:
+        """Count each group's scored tokens (or sequences) over the step and all processes."""
+        by_sequence = self.objective.reduction == "sequence"
+        counts = torch.zeros(len(self.samplers), dtype=torch.long, device=self.accelerator.device)
+        for groups in micro_batches:
+            for k, batch in enumerate(groups):
+                counts[k] += batch.count_scored_sequences() if by_sequence else batch.count_targets()
+        if self.world_size > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        return [max(int(c), 1) for c in counts]
+
+    def accumulate(self, micro_batches: list[list[Batch]], num_items: list[int],
+                   point: DrawPoint) -> tuple[dict[str, float], int]:
+        """Forward and backward every (micro-batch, group) pair; gradients sync on the last one."""
+        totals: dict[str, torch.Tensor] = {}
+        tokens = 0
+        pairs = [(micro, k, batch) for micro, groups in enumerate(micro_batches) for k, batch in enumerate(groups)]
+        for index, (micro, k, batch) in enumerate(pairs):
+            last = index == len(pairs) - 1
+            with self.sync_context(last):
+                result = self.forward(batch.to(self.accelerator.device), k, num_items[k], point)
+                # DDP averages gradients over processes; each process's loss is already its share
+                # of the global mean, so the world size cancels that average.
+                self.accelerator.backward(result.loss * self.world_size)
+            add_detached(totals, "loss/total", result.loss)
+            for term, value in result.terms.items():
+                add_detached(totals, f"loss/{term}", value)
+            tokens += int(batch.attention_mask.sum())
+
+        names = sorted(totals)
+        stacked = torch.stack([totals[n].float() for n in names]) if names else torch.zeros(0)
+        token_count = torch.tensor([tokens], device=self.accelerator.device)
+        if self.world_size > 1:
+            stacked = self.accelerator.reduce(stacked.to(self.accelerator.device), reduction="sum")
+            token_count = self.accelerator.reduce(token_count, reduction="sum")
+        return dict(zip(names, stacked.tolist())), int(token_count)
+
+    def forward(self, batch: Batch, group: int, num_items: int, point: DrawPoint) -> Any:
+        """Teacher forward without gradient, student forward, compiled loss of one group."""
+        frozen = {}
+        for role, model in (("teacher_logits", self.teacher), ("ref_logits", self.ref)):
+            if role in self.inputs[group]:
+                with torch.no_grad():
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                frozen[role] = logits[:, :-1]  # (B, L-1, V), position p scores token p+1
+        with self.accelerator.autocast():
+            student_logits = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        student_logits = student_logits[:, :-1]  # (B, L-1, Vs)
+        labels = batch.labels[:, 1:]  # (B, L-1)
+        return self.compiled(
+            student_logits=student_logits, labels=labels, **frozen,
+            epoch=point.epoch, step=point.step, progress=point.progress,
+            num_items=num_items, group=group,
+        )
+
+    def sync_context(self, last: bool):
+        """Skip the gradient all-reduce on every backward of the step but the last."""
+        if last or self.world_size == 1:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.accelerator.no_sync(self.student))
+        if self.has_objective_parameters:
+            stack.enter_context(self.accelerator.no_sync(self.compiled))
+        return stack
+
+    def clip(self) -> float:
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
+        return float(norm) if norm is not None else float("nan")
+
+    # Logging, evaluation and checkpoints.
+
+    def record(self, point: DrawPoint, totals: dict[str, float], grad_norm: float, tokens: int,
+               seconds: float, micro_batches: list[list[Batch]]) -> dict:
+        record: dict[str, Any] = {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 6),
+            "progress": round(self.step / self.total_steps, 6),
+        }
+        record.update(totals)
+        record.update(schedule_values(self.objective, self.samplers, point))
+        record["lr"] = self.scheduler.get_last_lr()[0]
+        record["grad_norm"] = grad_norm
+        record["tokens"] = self.tokens
+        record["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+        for k, groups in enumerate(zip(*micro_batches)):
+            record[f"source/{k}"] = ",".join(dict.fromkeys(b.source for b in groups))
+        return record
+
+    def evaluate(self, point: DrawPoint) -> float:
+        """Measure the student's held-out CE and pass it to adaptive samplers."""
+        if self.heldout is None or len(self.heldout) == 0:
+            return float("nan")
+        loss = heldout_ce(self.accelerator, self.accelerator.unwrap_model(self.student), self.encoder,
+                          self.heldout, self.config.eval_pairs, self.config.batch_size)
+        for sampler in self.samplers:
+            sampler.observe_validation_loss(loss, point)
+        self.metrics.append({"step": point.step, "eval/ce": loss})
+        logger.info("%s: step %d held-out CE %.4f", self.name, point.step, loss)
+        return loss
+
+    def save_checkpoint(self) -> None:
+        checkpoint.save_checkpoint(self)
+
+    def save_student(self) -> None:
+        """Write the student as safetensors into `run_dir/student`, atomically."""
+        self.accelerator.wait_for_everyone()
+        state = self.accelerator.get_state_dict(self.student)
+        if self.accelerator.is_main_process:
+            target = self.run_dir / "student"
+            temporary = self.run_dir / "student.tmp"
+            if temporary.exists():
+                shutil.rmtree(temporary)
+            model = self.accelerator.unwrap_model(self.student)
+            model.save_pretrained(temporary, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(temporary)
+            checkpoint.replace_directory(temporary, target)
+        self.accelerator.wait_for_everyone()
+
+
+def _at(point: DrawPoint, *, micro: int, group: int) -> DrawPoint:
+    return DrawPoint(point.epoch, point.step, point.progress, micro, group, point.seed)
+
+
+def add_detached(totals: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    value = value.detach().float()
+    totals[name] = totals[name] + value if name in totals else value
+
+
+def progress_postfix(record: dict) -> dict[str, str]:
+    postfix = {"loss": f"{record['loss/total']:.4f}"}
+    for name, value in record.items():
+        if name.startswith("loss/") and name != "loss/total":
+            postfix[name[5:]] = f"{value:.4f}"
+    postfix["tok/s"] = f"{record['tokens_per_s']:.0f}"
+    return postfix
+
+
+def contains_adaptive(sampler: Sampler) -> bool:
+    if isinstance(sampler, AdaptiveSampler):
+        return True
+    return any(contains_adaptive(s) for s in getattr(sampler, "components", []))
+
+
+# --- Parts of the loop -----------------------------------------------------------------
+
+
+def freeze(model: Any) -> Any:
+    """Put the teacher in eval mode with no parameter requiring gradient."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def build_optimizer(student: Any, compiled: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW: student weights with decay, biases and norms without, the objective's own parameters at projector_lr."""
+    decay, no_decay = [], []
+    for name, parameter in student.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay, "lr": config.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": config.lr},
+    ]
+    objective_parameters = [p for p in compiled.parameters() if p.requires_grad]
+    if objective_parameters:
+        groups.append({"params": objective_parameters, "weight_decay": config.weight_decay, "lr": config.projector_lr})
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ConfigError("the student has no trainable parameters: check that it is not frozen")
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def build_scheduler(optimizer: Any, config: TrainConfig, total_steps: int) -> Any:
+    """Linear warmup over train.warmup_steps, then cosine, linear or constant to the last step."""
+    from transformers import get_scheduler
+
+    names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    warmup = min(config.warmup_steps, total_steps)
+    return get_scheduler(names[config.schedule], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def count_steps(num_pairs: int, config: TrainConfig, world_size: int) -> tuple[int, int]:
+    """Return (optimizer steps per epoch, total optimizer steps)."""
+    per_step = config.batch_size * config.grad_accum * world_size
+    steps_per_epoch = max(1, math.ceil(num_pairs / per_step))
+    if config.max_steps > 0:
+        return steps_per_epoch, config.max_steps
+    return steps_per_epoch, max(1, math.ceil(config.epochs * steps_per_epoch))
+
+
+def group_inputs(compiled: torch.nn.Module, objective: Objective, group: int) -> frozenset[str]:
+    """Return the input roles (`teacher_logits`, `ref_logits`, ...) the terms of one group read.
+
+    A kdsl `CompiledObjective` carries its graph, whose input nodes say this
+    exactly; for any other module the roles are read off the objective's terms.
+    """
+    graph = getattr(compiled, "graph", None)
+    if graph is not None and hasattr(graph, "term_nodes"):
+        roles = set()
+        for term in graph.term_nodes(group):
+            for node in graph.ancestors(term.name):
+                if node.op == "input":
+                    roles.add(node.attr("role"))
+        return frozenset(roles)
+    roles = {"labels", "student_logits"}
+    for term in objective.terms_of_group(group):
+        if any(dist_reads(d, "o") for d in term.loss.args):
+            roles.add("teacher_logits")
+        for weight in (term.token_weight, term.sequence_weight):
+            if weight is not None and weight.roles & {LOG_O_TOKEN, LOG_O_SEQ}:
+                roles.add("teacher_logits")
+            if weight is not None and LOG_REF_SEQ in weight.roles:
+                roles.add("ref_logits")
+    return frozenset(roles)
+
+
+def dist_reads(dist: Any, model: str) -> bool:
+    """Return whether a distribution expression reads `model` ("o" or "q")."""
+    if isinstance(dist, ModelDist):
+        return dist.model == model
+    if isinstance(dist, ProjectedDist):
+        return True
+    if isinstance(dist, MixtureDist):
+        return any(dist_reads(d, model) for _, d in dist.components)
+    return False
+
+
+def schedule_values(objective: Objective, samplers: list[Sampler], point: DrawPoint) -> dict[str, float]:
+    """Return `sched/<name>` for schedule definitions, scheduled coefficients and mixture probabilities."""
+    values = {}
+    at = {"epoch": point.epoch, "step": point.step, "progress": point.progress}
+    for name, definition in objective.definitions.items():
+        if definition.kind == "schedule":
+            values[f"sched/{name}"] = Scalar(definition.body).evaluate(**at)
+    for term in objective.terms:
+        if term.coefficient.is_schedule:
+            values[f"sched/{term.name}"] = term.coefficient.evaluate(**at)
+    for sampler in samplers:
+        for name, value in sampler.schedule_values(point).items():
+            values[f"sched/{name}"] = value
+    return values
+
+
+def heldout_ce(accelerator: Any, model: Any, encoder: PairEncoder, heldout: Any, max_pairs: int,
+               batch_size: int) -> float:
+    """Mean CE (nats per response token) of `model` on the first `max_pairs` held-out pairs.
+
+    Each process scores its own share of the pairs; the sums are all-reduced.
+    """
+    count = min(max_pairs, len(heldout))
+    indices = list(range(accelerator.process_index, count, accelerator.num_processes))
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(indices), batch_size):
+            rows = heldout[indices[start : start + batch_size]]
+            examples = [encoder.encode(p, r) for p, r in zip(rows["prompt"], rows["response"])]
+            batch = collate(examples, encoder.pad_id).to(accelerator.device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+            labels = batch.labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="sum"
+            )
+            totals[0] += nll.double()
+            totals[1] += (labels != -100).sum()
+    model.train(was_training)
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+class MetricsLog:
+    """Per-step metrics: kept in memory, rewritten atomically to metrics.jsonl, mirrored to TensorBoard."""
+
+    flush_seconds = 5.0
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.records: list[dict] = []
+        self.writer = None
+        self.last_flush = time.monotonic()
+        self.tensorboard_dir = Path(run_dir) / "tensorboard"
+
+    def open(self, resume_step: int = 0) -> None:
+        """Start the TensorBoard writer; events after `resume_step` from an earlier attempt are dropped."""
+        if not self.enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            logger.warning("tensorboard is not installed: metrics go to metrics.jsonl only")
+            return
+        self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for name, value in record.items():
+                if "/" in name or name in ("lr", "grad_norm", "tokens_per_s"):
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self.writer.add_scalar(name, value, record["step"])
+        if time.monotonic() - self.last_flush > self.flush_seconds:
+            self.flush()
+
+    def truncate(self, step: int) -> None:
+        """Keep only records up to `step` (the step of the checkpoint a run resumes from)."""
+        self.records = [r for r in checkpoint.read_jsonl(self.path) if r["step"] <= step]
+        self.flush()
+
+    def flush(self) -> None:
+        if self.enabled:
+            checkpoint.atomic_write_jsonl(self.path, self.records)
+            if self.writer is not None:
+                self.writer.flush()
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+# --- Loading and the run directory -----------------------------------------------------
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "accelerate", "datasets", "tokenizers", "safetensors", "lark", "sympy", "peft"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        versions[name] = getattr(module, "__version__", "unknown")
+    try:
+        from importlib.metadata import version
+
+        versions["kdsl"] = version("kdsl")
+    except Exception:  # kdsl run from a checkout without installation metadata
+        versions["kdsl"] = "checkout"
+    return versions
+
+
+def write_run_files(out_dir: Path, objective: Objective) -> None:
+    """Write the spec text, resolved settings and library versions into the run directory."""
+    checkpoint.atomic_write_text(out_dir / "spec.kd", objective.source_text)
+    checkpoint.atomic_write_json(out_dir / "settings.json", jsonable(objective.settings))
+    checkpoint.atomic_write_json(out_dir / "versions.json", library_versions())
+
+
+def jsonable(settings: dict) -> dict:
+    return {k: v if isinstance(v, (str, int, float, bool)) or v is None else str(v) for k, v in settings.items()}
+
+
+def teacher_dtype(name: str) -> torch.dtype | None:
+    """Resolve train.teacher_dtype; auto picks bf16 on GPUs and CPUs with native bf16 support."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "float16":
+        return torch.float16
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+
+
+@dataclass
+class Parts:
+    """The models and data of a run."""
+
+    student: Any
+    teacher: Any
+    tokenizer: Any
+    pairs: Any
+    heldout: Any
+    ref: Any = None
+
+
+def load_parts(settings: dict, config: TrainConfig, given: Parts) -> Parts:
+    """Load whatever the caller did not pass, from the resolved settings."""
+    trust = bool(settings.get("trust_remote_code", False))
+    parts = copy.copy(given)
+    if parts.tokenizer is None or parts.student is None or parts.teacher is None or (parts.ref is None and settings.get("ref")):
+        from kdsl import models
+
+        if parts.tokenizer is None:
+            parts.tokenizer = models.load_tokenizer(settings["student"], trust_remote_code=trust)
+        if parts.student is None:
+            parts.student = models.load_model(settings["student"], trust_remote_code=trust)
+        dtype = teacher_dtype(settings.get("train.teacher_dtype", "auto"))
+        if parts.teacher is None:
+            parts.teacher = models.load_model(settings["teacher"], dtype=dtype, trust_remote_code=trust)
+        if parts.ref is None and settings.get("ref"):
+            parts.ref = models.load_model(settings["ref"], dtype=dtype, trust_remote_code=trust)
+    if parts.pairs is None or parts.heldout is None:
+        from kdsl import data
+
+        fields = {
+            "prompt_field": settings.get("data.prompt_field", "prompt"),
+            "response_field": settings.get("data.response_field", "response"),
+        }
+        if parts.pairs is None:
+            parts.pairs = data.load_pairs(settings["data"], "train", fraction=settings.get("data.train_fraction", 1.0),
+                                          seed=config.seed, **fields)
+        if parts.heldout is None:
+            parts.heldout = load_heldout(data, settings["data"], config.seed, fields)
+    return parts
+
+
+def load_heldout(data: Any, name: str, seed: int, fields: dict) -> Any:
+    """Load the validation split, or the test split where there is no validation split."""
+    try:
+        return data.load_pairs(name, "validation", fraction=1.0, seed=seed, **fields)
+    except ConfigError as validation_error:
+        try:
+            return data.load_pairs(name, "test", fraction=1.0, seed=seed, **fields)
+        except ConfigError:
+            raise validation_error from None
+
+
+def check_lengths(model: Any, config: TrainConfig, settings: dict, role: str) -> None:
+    """Reject prompt and response lengths the model's position table cannot hold."""
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is None:
+        return
+    response = max(config.max_response_tokens, int(settings.get("sgo.max_new_tokens", 64)))
+    needed = config.max_prompt_tokens + response
+    if needed > limit:
+        raise ConfigError(
+            f"data.max_prompt_tokens + max(data.max_response_tokens, sgo.max_new_tokens) = {needed} "
+            f"exceeds the {role}'s {limit} positions: lower those settings so they sum to at most {limit}"
+        )
+
+
+def baseline_objective(objective: Objective) -> Objective:
+    """The CE-only objective under d_data with the run's settings (the report's baseline)."""
+    ce = Term(name="CE", loss=Divergence("CE"), group=0)
+    return Objective(
+        terms=[ce], groups=[DataSource()], settings=dict(objective.settings),
+        reduction=objective.reduction, path="<baseline>", source_text="objective = CE\n",
+    )
+
+
+def compile_objective(objective: Objective) -> torch.nn.Module:
+    """Compile a checked objective into its torch module."""
+    from kdsl.ir import build
+    from kdsl.lower import lower
+
+    return lower(build(objective), objective)
+
+
+# --- The public entry point ------------------------------------------------------------
+
+
+def train(objective: Objective, compiled: torch.nn.Module, *, out_dir: str | Path, student: Any = None,
+          teacher: Any = None, tokenizer: Any = None, pairs: Any = None, heldout: Any = None, ref: Any = None,
+          baseline_compiled: torch.nn.Module | None = None, resume: bool = False,
+          progress_bar: bool = True) -> TrainResult:
+    """Distil `teacher` into `student` with `compiled`, train the CE baseline, write the report.
+
+    Models, tokenizer and data not passed are loaded from the objective's
+    settings. `out_dir` receives spec.kd, settings.json, versions.json,
+    metrics.jsonl, tensorboard/, checkpoints/, student/, baseline/ and
+    report.json. With `resume=True`, each stage restarts from its newest
+    checkpoint, or is skipped when its student is already saved; pass the
+    same (initial) student as the first attempt did.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    config = TrainConfig.from_settings(objective.settings)
+    out_dir = Path(out_dir)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    if not resume and (out_dir / "metrics.jsonl").exists():
+        raise ConfigError(
+            f"{out_dir} already contains a run: resume it (kdsl run SPEC --resume {out_dir}) "
+            "or choose an empty output directory"
+        )
+    accelerator.wait_for_everyone()  # every process checks before the main process writes
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_run_files(out_dir, objective)
+
+    set_seed(config.seed)
+    parts = load_parts(objective.settings, config, Parts(student, teacher, tokenizer, pairs, heldout, ref))
+    check_lengths(parts.student, config, objective.settings, "student")
+    check_lengths(parts.teacher, config, objective.settings, "teacher")
+    initial = copy.deepcopy(parts.student) if config.baseline else None
+    stages = [("distilled", objective, compiled, parts.student, out_dir)]
+    if config.baseline:
+        ce = baseline_objective(objective)
+        stages.append(("baseline", ce, baseline_compiled or compile_objective(ce), copy.deepcopy(initial),
+                       out_dir / "baseline"))
+
+    fits: dict[str, FitResult] = {}
+    for name, stage_objective, stage_compiled, stage_student, run_dir in stages:
+        fits[name] = fit_stage(
+            name, stage_objective, stage_compiled, stage_student, parts, config, accelerator, run_dir,
+            resume=resume, progress_bar=progress_bar,
+        )
+        accelerator.free_memory()
+
+    from kdsl.report import run_report
+
+    report = run_report(
+        accelerator=accelerator, out_dir=out_dir, settings=objective.settings, tokenizer=parts.tokenizer,
+        teacher=parts.teacher, initial=initial, distilled=fits["distilled"], baseline=fits.get("baseline"),
+        heldout=parts.heldout, print_table=progress_bar,
+    )
+    distilled = fits["distilled"]
+    return TrainResult(out_dir, distilled.student, distilled.metrics, distilled.steps,
+                       fits.get("baseline"), report, distilled)
+
+
+def fit_stage(name: str, objective: Objective, compiled: torch.nn.Module, student: Any, parts: Parts,
+              config: TrainConfig, accelerator: Any, run_dir: Path, *, resume: bool,
+              progress_bar: bool) -> FitResult:
+    """Train one stage, resuming from its newest checkpoint or loading its finished student."""
+    from accelerate.utils import set_seed
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    if resume:
+        finished = checkpoint.load_finished(run_dir, student, name)
+        if finished is not None:
+            logger.info("%s: already finished in %s, not training again", name, run_dir)
+            return finished
+
+    set_seed(config.seed)
+    trainer = Trainer(
+        name=name, objective=objective, compiled=compiled, student=student, teacher=parts.teacher,
+        tokenizer=parts.tokenizer, pairs=parts.pairs, heldout=parts.heldout, config=config,
+        accelerator=accelerator, run_dir=run_dir, ref=parts.ref, progress_bar=progress_bar,
+    )
+    if resume:
+        checkpoint.restore_checkpoint(trainer)
+    trainer.metrics.open(trainer.step)
+    return trainer.run()
+
+
+def run(objective: Objective, *, out_dir: str | Path | None = None, resume: str | Path | None = None,
+        progress_bar: bool = True) -> TrainResult:
+    """Compile `objective` and train it: the `kdsl run` command.
+
+    `resume` names the run directory to continue; otherwise `out_dir` (default
+    runs/<spec name>-<UTC time>) must not hold a run yet.
+    """
+    if resume is not None:
+        if out_dir is not None and Path(out_dir).resolve() != Path(resume).resolve():
+            raise ConfigError(f"--out {out_dir} and --resume {resume} name different directories: pass only --resume")
+        if not Path(resume).is_dir():
+            raise ConfigError(f"cannot resume: run directory {resume} does not exist")
+        out_dir = resume
+    elif out_dir is None:
+        stem = Path(objective.path).stem if objective.path and not objective.path.startswith("<") else "run"
+        out_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    compiled = compile_objective(objective)
+    return train(objective, compiled, out_dir=out_dir, resume=resume is not None, progress_bar=progress_bar)

@@ -1,0 +1,188 @@
+"""The training loop: run directory, loss decrease, token normalisation, errors, resume, two processes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdsl
+from kdsl.errors import ConfigError
+from kdsl.samplers import collate
+from kdsl.train import TrainConfig, Trainer, compile_objective, train
+from tests.test_samplers import make_model, make_pairs, make_tokenizer
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run torch on one thread, because tiny models run slower when several threads share a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+BASE_SETTINGS = {
+    "train.batch_size": 4,
+    "train.lr": 3e-3,
+    "train.warmup_steps": 2,
+    "data.max_prompt_tokens": 12,
+    "data.max_response_tokens": 12,
+    "sgo.max_new_tokens": 8,
+    "eval.max_pairs": 8,
+    "eval.max_new_tokens": 6,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tokenizer, a 2-layer teacher of width 64, a 1-layer student of width 32 and pairs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(7)
+    teacher = GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ))
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(8.0)  # a peaked teacher, far from the near-uniform initial student
+    return {"tokenizer": tokenizer, "teacher": teacher, "pairs": make_pairs(32), "heldout": make_pairs(8)}
+
+
+def load(text: str, **overrides):
+    return kdsl.load(text, {**BASE_SETTINGS, **overrides})
+
+
+def run_tiny(tiny, objective, out_dir, **kwargs):
+    return train(
+        objective, compile_objective(objective), out_dir=out_dir, student=make_model(len(tiny["tokenizer"]), seed=1),
+        teacher=tiny["teacher"], tokenizer=tiny["tokenizer"], pairs=tiny["pairs"], heldout=tiny["heldout"],
+        progress_bar=False, **kwargs,
+    )
+
+
+def test_run_writes_directory_and_learns(tiny, tmp_path):
+    objective = load("objective = KL(o ‖ q) + 0.2 · CE", **{"train.max_steps": 16, "train.lr": 5e-3})
+    result = run_tiny(tiny, objective, tmp_path / "run")
+    out = tmp_path / "run"
+
+    for name in ("spec.kd", "settings.json", "versions.json", "metrics.jsonl", "report.json"):
+        assert (out / name).is_file(), name
+    assert (out / "student" / "model.safetensors").is_file()
+    assert (out / "baseline" / "student" / "model.safetensors").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((out / "settings.json").read_text())["train.max_steps"] == 16
+    assert "torch" in json.loads((out / "versions.json").read_text())
+
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps] == list(range(1, 17))
+    first = steps[0]
+    for key in ("loss/total", "loss/KL(o‖q)", "loss/CE", "lr", "grad_norm", "tokens_per_s", "epoch", "progress"):
+        assert key in first, key
+    assert math.isclose(first["loss/KL(o‖q)"] + first["loss/CE"], first["loss/total"], rel_tol=1e-5)
+    early = sum(r["loss/total"] for r in steps[:4]) / 4
+    late = sum(r["loss/total"] for r in steps[-4:]) / 4
+    assert late < 0.9 * early, (early, late)
+
+    baseline = [json.loads(line) for line in (out / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    assert len(baseline) == 16
+    assert set(k for k in baseline[0] if k.startswith("loss/")) == {"loss/total", "loss/CE"}
+
+    report = json.loads((out / "report.json").read_text())
+    names = [row["model"] for row in report["rows"]]
+    assert names == ["teacher", "student (initial)", "baseline (CE)", "distilled"]
+    rows = {row["model"]: row for row in report["rows"]}
+    assert rows["teacher"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows["distilled"]["kl"] < 0.9 * rows["student (initial)"]["kl"]
+    assert rows["distilled"]["kl"] < rows["baseline (CE)"]["kl"]
+    assert result.report == report
+    assert result.steps == 16
+
+
+def test_saved_student_reloads(tiny, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    objective = load("objective = CE", **{"train.max_steps": 3, "train.baseline": False})
+    result = run_tiny(tiny, objective, tmp_path / "run")
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "run" / "student").eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    result.student.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result.student(ids).logits, atol=1e-6)
+
+
+def test_mixture_with_student_generation(tiny, tmp_path):
+    text = "objective = E[w ~ 0.5·d_q + 0.5·d_data] JS[0.5](o ‖ q) + 0.5 · CE"
+    objective = load(text, **{"train.max_steps": 5, "train.grad_accum": 2, "train.baseline": False,
+                              "train.seed": 3})
+    result = run_tiny(tiny, objective, tmp_path / "run")
+    sources = {r["source/0"] for r in result.metrics if "source/0" in r}
+    assert {"d_q", "d_data"} <= set(",".join(sources).split(","))
+    assert {r["source/1"] for r in result.metrics if "source/1" in r} == {"d_data"}
+    assert all(r["sched/mix0/d_q"] == 0.5 for r in result.metrics if "loss/total" in r)
+
+
+def test_accumulation_equals_one_big_batch(tiny, tmp_path):
+    from accelerate import Accelerator
+
+    objective = load("objective = KL(o ‖ q) + 0.3 · CE", **{"train.grad_accum": 3, "train.max_steps": 4})
+    compiled = compile_objective(objective)
+    student = make_model(len(tiny["tokenizer"]), seed=2).train()
+    trainer = Trainer(
+        name="t", objective=objective, compiled=compiled, student=student, teacher=tiny["teacher"],
+        tokenizer=tiny["tokenizer"], pairs=tiny["pairs"], heldout=None,
+        config=TrainConfig.from_settings(objective.settings), accelerator=Accelerator(),
+        run_dir=tmp_path, progress_bar=False,
+    )
+    point = trainer.point(0)
+    micro_batches = trainer.draw(point)
+    num_items = trainer.count_items(micro_batches)
+    assert num_items == [sum(groups[0].count_targets() for groups in micro_batches)]
+    trainer.accumulate(micro_batches, num_items, point)
+    accumulated = [p.grad.clone() for p in student.parameters()]
+
+    student.zero_grad()
+    examples = [e for groups in micro_batches for e in groups[0].examples]
+    whole = collate(examples, trainer.encoder.pad_id)
+    result = trainer.compiled(
+        student_logits=student(input_ids=whole.input_ids, attention_mask=whole.attention_mask).logits[:, :-1],
+        teacher_logits=tiny["teacher"](input_ids=whole.input_ids, attention_mask=whole.attention_mask).logits[:, :-1],
+        labels=whole.labels[:, 1:], group=0,
+    )
+    result.loss.backward()
+    for grad, param in zip(accumulated, student.parameters()):
+        assert torch.allclose(grad, param.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, value, fragment", [
+    ("train.batch_size", 0, "train.batch_size = 0 is out of range"),
+    ("train.schedule", "step", "one of 'cosine', 'linear', 'constant'"),
+    ("train.lr", "fast", "train.lr = 'fast' has type str"),
+])
+def test_config_rejects_bad_value(name, value, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig.from_settings({name: value})
+
+
+def test_existing_run_needs_resume(tiny, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    objective = load("objective = CE", **{"train.max_steps": 1, "train.baseline": False})
+    with pytest.raises(ConfigError, match="already contains a run: resume it"):
+        run_tiny(tiny, objective, tmp_path)
+
+
+def test_missing_teacher_is_reported(tiny, tmp_path):
+    objective = load("objective = KL(o ‖ q)", **{"train.max_steps": 1, "train.baseline": False})
+    from accelerate import Accelerator
+
+    with pytest.raises(ConfigError, match="reads the teacher model but none is loaded"):
+        Trainer(
+            name="t", objective=objective, compiled=compile_objective(objective),
+            student=make_model(len(tiny["tokenizer"])), teacher=None, tokenizer=tiny["tokenizer"],
+            pairs=tiny["pairs"], heldout=None, config=TrainConfig.from_settings(objective.settings),
+            accelerator=Accelerator(), run_dir=tmp_path,
+        )
