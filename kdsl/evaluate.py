@@ -244,8 +244,8 @@ def _encode_response(tokenizer: Any, text: str, max_tokens: int) -> tuple[list[i
         return ids, len(text)
     # NOTE: slow tokenizers give no offsets, so the character count of a cut
     # response is the length of its decoded text.
-    kept = ids[:max_tokens]
-    return kept, len(tokenizer.decode(kept))
+    head = ids[:max_tokens]
+    return head, len(tokenizer.decode(head))
 
 
 def _encode_pairs(
@@ -271,6 +271,12 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _head_rows(model: torch.nn.Module) -> int:
+    """Return the number of rows of the model's output head (its logits' last dimension)."""
+    head = model.get_output_embeddings()
+    return head.weight.shape[0] if head is not None else model.config.vocab_size
+
+
 def _vocab_size(tokenizer: Any, *models: torch.nn.Module | None) -> int:
     """Return the number of output rows every metric scores: the tokenizer's vocabulary.
 
@@ -281,8 +287,7 @@ def _vocab_size(tokenizer: Any, *models: torch.nn.Module | None) -> int:
     for model in models:
         if model is None:
             continue
-        head = model.get_output_embeddings()
-        rows = head.weight.shape[0] if head is not None else model.config.vocab_size
+        rows = _head_rows(model)
         if rows < size:
             name = type(model).__name__
             raise ConfigError(
@@ -290,6 +295,15 @@ def _vocab_size(tokenizer: Any, *models: torch.nn.Module | None) -> int:
                 "evaluate with the tokenizer the model was trained with"
             )
     return size
+
+
+def _check_context(model: torch.nn.Module, length: int, fix: str) -> None:
+    """Reject sequences longer than the model's position table, which would fail inside its forward."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        raise ConfigError(
+            f"{type(model).__name__} takes at most {limit} positions but a sequence needs {length}; {fix}"
+        )
 
 
 @contextlib.contextmanager
@@ -378,6 +392,10 @@ def _score(
     loss_fn = _per_step_loss(loss)
     scores = _Scores()
     device = _device_of(student)
+    longest = max(len(p) + len(r) for p, r in sequences)
+    for model in (student, teacher):
+        if model is not None:
+            _check_context(model, longest, "lower data.max_prompt_tokens or the response length")
     for _, batch in _batches(sequences, batch_size):
         input_ids, attention_mask, score_index, mask = _right_padded(batch, pad_id, device)
         targets = input_ids.gather(1, (score_index + 1).clamp(max=input_ids.shape[1] - 1))  # (B, R)
@@ -592,7 +610,7 @@ def generate_continuations(
     _check_positive_int("batch_size", batch_size)
     temperature = _check_temperature(temperature)
     vocab = _vocab_size(tokenizer, model)
-    head_rows = model.get_output_embeddings().weight.shape[0]
+    head_rows = _head_rows(model)
     pad_id, eos_id = _token_ids(tokenizer)
     options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
     if greedy:
@@ -602,6 +620,8 @@ def generate_continuations(
     if head_rows > vocab:
         options["suppress_tokens"] = list(range(vocab, head_rows))
     config = GenerationConfig(**options)
+    longest = max(len(p) for p in prompt_ids) + max_new_tokens
+    _check_context(model, longest, "lower data.max_prompt_tokens or the number of new tokens")
 
     device = _device_of(model)
     continuations = []
@@ -1020,6 +1040,10 @@ def _atomic_write(path: str, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
+        # mkstemp creates the file as 0600; give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -1175,10 +1199,10 @@ def _shown_lengths(result: ExposureBiasResult, max_rows: int) -> list[int]:
     """Return every l, or powers of two plus the largest l when there are more than `max_rows`."""
     if len(result.l) <= max_rows:
         return result.l
-    shown = [l for l in result.l if l & (l - 1) == 0]
-    if result.l[-1] not in shown:
-        shown.append(result.l[-1])
-    return shown
+    lengths = [l for l in result.l if l & (l - 1) == 0]
+    if result.l[-1] not in lengths:
+        lengths.append(result.l[-1])
+    return lengths
 
 
 def format_table(results: Any, *, max_rows: int = 12) -> str:

@@ -249,6 +249,12 @@ def test_invalid_batch_size_rejected(student, tokenizer):
         ev.heldout_metrics(student, None, tokenizer, PAIRS, batch_size=0)
 
 
+def test_context_overflow_rejected(student, tokenizer):
+    prompts = [tokenizer("abc")["input_ids"]]
+    with pytest.raises(ConfigError, match=r"at most 256 positions but a sequence needs 303"):
+        ev.generate_continuations(student, tokenizer, prompts, max_new_tokens=300, greedy=True)
+
+
 def test_small_head_rejected(tokenizer):
     small = GPT2LMHeadModel(GPT2Config(vocab_size=10, n_positions=32, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(ConfigError, match=r"10 output rows but the tokenizer has \d+ tokens"):
@@ -451,6 +457,9 @@ def test_report_files_written(student, teacher, tokenizer, tmp_path):
     assert (report / "exposure_bias.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((report / "summary.csv").read_text().splitlines()) == 3
     assert len((report / "exposure_bias.csv").read_text().splitlines()) == 1 + 2 * 4
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (report / "summary.csv").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_report_json_has_no_nan(tmp_path):
