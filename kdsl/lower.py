@@ -1,7 +1,9 @@
 """Lower a verified graph to a torch module, `CompiledObjective`, that computes the loss in chunks.
 
 Fused evaluation (the default) visits the valid tokens of a batch (labels
-other than -100) in chunks of `train.chunk_size` rows. For each chunk it
+other than -100) in chunks of at most `train.chunk_size` rows, and of at
+most `max_chunk_elements` logits per model (so a chunk over a 150k
+vocabulary holds 27 rows by default). For each chunk it
 builds the student's logits rows (gathered from `student_logits`, or
 computed from `student_hidden @ student_head.T`), evaluates every term of
 the selected sampling groups on them, and takes the gradient of the chunk's
@@ -40,6 +42,10 @@ logger = logging.getLogger("kdsl.lower")
 
 IGNORE_INDEX = -100
 
+# Default bound on rows × vocabulary of one chunk: 4M float32 logits (16 MiB) per chunk-sized
+# tensor. The kernels of one chunk keep about ten such tensors alive at once.
+MAX_CHUNK_ELEMENTS = 1 << 22
+
 # Nodes evaluated once per call on whole sequences, before the chunk loop.
 SEQUENCE_OPS = ("sequence_logp", "sequence_length", "sequence_weight", "schedule")
 TERM_OPS = ("token_mean", "sequence_mean")
@@ -57,10 +63,20 @@ _ROLE_ARGUMENTS = {
 }
 
 
-def lower(graph: Graph, objective: Objective, *, fused: bool = True, chunk_size: int | None = None) -> "CompiledObjective":
+def lower(
+    graph: Graph,
+    objective: Objective,
+    *,
+    fused: bool = True,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+    max_chunk_elements: int = MAX_CHUNK_ELEMENTS,
+) -> "CompiledObjective":
     """Build the torch module that evaluates `graph`; `objective` supplies settings and the spec text."""
     graph.verify()
-    return CompiledObjective(graph, objective, fused=fused, chunk_size=chunk_size)
+    return CompiledObjective(
+        graph, objective, fused=fused, chunk_size=chunk_size, vocab_size=vocab_size, max_chunk_elements=max_chunk_elements,
+    )
 
 
 @dataclass
@@ -212,6 +228,7 @@ class CompiledObjective(nn.Module):
         fused: bool = True,
         chunk_size: int | None = None,
         vocab_size: int | None = None,
+        max_chunk_elements: int = MAX_CHUNK_ELEMENTS,
     ):
         super().__init__()
         self.graph = graph
@@ -221,6 +238,9 @@ class CompiledObjective(nn.Module):
         self.chunk_size = int(chunk_size or self.settings["train.chunk_size"])
         if self.chunk_size < 1:
             raise KdslError(f"chunk_size must be a positive number of tokens, got {self.chunk_size}")
+        if max_chunk_elements < 1:
+            raise KdslError(f"max_chunk_elements must be a positive number of logits, got {max_chunk_elements}")
+        self.max_chunk_elements = int(max_chunk_elements)
         self.vocab_size = vocab_size
         self.head_policy = self.settings["head.policy"]
         self.term_keys = _term_keys(graph)
@@ -235,6 +255,9 @@ class CompiledObjective(nn.Module):
 
     # The call.
 
+    # Under torch.compile the loss runs eagerly: dynamo skips this method (one graph break), because the
+    # chunk loop has data-dependent shapes and calls torch.autograd.grad, which dynamo does not trace.
+    @torch.compiler.disable
     def forward(
         self,
         student_logits: Tensor | None = None,
@@ -483,7 +506,7 @@ class _Call:
         wants_grad = torch.is_grad_enabled() and self.plan.student_used and bool(student.differentiable())
 
         self.sequence_pass()
-        chunk_size = self.module.chunk_size if fused else max(self.rows.count, 1)
+        chunk_size = self.rows_per_chunk() if fused else max(self.rows.count, 1)
         totals = {term.name: torch.zeros((), dtype=torch.float32, device=self.rows.index.device) for term in self.plan.terms}
         accumulator = _GradientAccumulator(student, self.rows) if fused and wants_grad else None
         dense_loss = None
@@ -512,6 +535,11 @@ class _Call:
         terms = {self.module.term_keys[name]: value.detach() for name, value in totals.items()}
         return LossResult(loss=loss, terms=terms, num_items=num_items)
 
+    def rows_per_chunk(self) -> int:
+        """Return `chunk_size`, lowered so one chunk's logits of the widest model fit `max_chunk_elements`."""
+        widest = max((model.vocab for model in self.models.values() if model.present), default=1)
+        return max(1, min(self.module.chunk_size, self.module.max_chunk_elements // widest))
+
     def chunks(self, size: int):
         rows = self.rows
         for start in range(0, rows.count, size):
@@ -526,7 +554,7 @@ class _Call:
             values[node.name] = torch.zeros(self.rows.batch, dtype=torch.float32, device=self.rows.index.device)
         if sums:
             with torch.no_grad():
-                for chunk in self.chunks(self.module.chunk_size):
+                for chunk in self.chunks(self.rows_per_chunk()):
                     for node in self.plan.prepass_nodes:
                         chunk.values[node.name] = _EMITTERS[node.op](self, node, chunk)
                     for node in sums:

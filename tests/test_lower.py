@@ -329,8 +329,8 @@ def test_chunk_size_does_not_change_result():
     case = CASES[CASE_NAMES.index("three_terms")]
     student, teacher, ref, labels = make_batch(seed=12)
     values = []
-    for chunk_size in (1, 2, 5, 1024):
-        compiled = lower(ir.build(case.objective), case.objective, chunk_size=chunk_size)
+    for chunk_size, max_elements in ((1024, 1 << 22), (1, 1 << 22), (2, 1 << 22), (5, 1 << 22), (1024, 30)):
+        compiled = lower(ir.build(case.objective), case.objective, chunk_size=chunk_size, max_chunk_elements=max_elements)
         result = compiled(**call_kwargs(case, student, teacher, ref, labels))
         values.append((result.loss.detach(), torch.autograd.grad(result.loss, student)[0]))
     for loss, grad in values[1:]:
@@ -380,17 +380,24 @@ def test_repr_shows_spec_text():
 
 
 def test_torch_compile_matches_eager():
-    case = CASES[CASE_NAMES.index("kl_plus_ce")]
+    # The loss itself runs eagerly under torch.compile (one graph break); the model part is compiled.
+    case = CASES[CASE_NAMES.index("three_terms")]
     compiled = lower(ir.build(case.objective), case.objective, chunk_size=4)
-    student, teacher, ref, labels = make_batch()
-    eager = compiled(**call_kwargs(case, student, teacher, ref, labels))
-    eager_grad = torch.autograd.grad(eager.loss, student)[0]
+    _, teacher, _, labels = make_batch()
+    generator = torch.Generator().manual_seed(13)
+    weight = torch.randn(8, V, generator=generator, requires_grad=True)
+    hidden = torch.randn(B, T, 8, generator=generator)
 
+    def step(hidden):
+        logits = torch.tanh(hidden @ weight)
+        return compiled(student_logits=logits, teacher_logits=teacher, labels=labels, epoch=0.5).loss
+
+    eager = step(hidden)
+    (eager_grad,) = torch.autograd.grad(eager, weight)
     torch._dynamo.reset()
-    traced = torch.compile(compiled, backend="eager")
-    result = traced(**call_kwargs(case, student, teacher, ref, labels))
-    grad = torch.autograd.grad(result.loss, student)[0]
-    assert_close(result.loss, eager.loss, "compiled loss")
+    loss = torch.compile(step, backend="aot_eager")(hidden)
+    (grad,) = torch.autograd.grad(loss, weight)
+    assert_close(loss, eager, "compiled loss")
     assert_close(grad, eager_grad, "compiled gradient")
 
 
