@@ -99,11 +99,37 @@ def command_run(args) -> int:
     return 0
 
 
+def resolve_checkpoint(path: str) -> str:
+    """Return the model folder inside a run directory, or the folder itself if it holds a model."""
+    folder = Path(path)
+    if (folder / "config.json").is_file():
+        return str(folder)
+    for candidate in ("student", "final", "model"):
+        if (folder / candidate / "config.json").is_file():
+            return str(folder / candidate)
+    if not folder.exists():
+        raise ConfigError(f"checkpoint not found: {path!r}; pass a run directory or a saved model folder")
+    raise ConfigError(f"no model found in {path!r}: expected config.json there or in its student/ folder")
+
+
 def command_eval(args) -> int:
     from kdsl import evaluate
+    from kdsl.data import load_pairs
+    from kdsl.models import load_model, load_tokenizer
 
     objective = load_spec(args)
-    evaluate.run_eval(objective, checkpoints=args.checkpoint, out_dir=args.out)
+    settings = objective.settings
+    checkpoints = {Path(p).name or p: resolve_checkpoint(p) for p in args.checkpoint}
+    metrics = [metric.name for metric in objective.evals] or None
+    teacher = load_model(settings["teacher"], trust_remote_code=settings["trust_remote_code"])
+    tokenizer = load_tokenizer(settings["teacher"], trust_remote_code=settings["trust_remote_code"])
+    pairs = load_pairs(settings["data"], args.split, prompt_field=settings["data.prompt_field"],
+                       response_field=settings["data.response_field"])
+    out_dir = args.out or str(Path(args.checkpoint[0]) / "eval")
+    results = evaluate.evaluate_checkpoints(settings, checkpoints, out_dir, teacher=teacher, tokenizer=tokenizer,
+                                            pairs=pairs, metrics=metrics)
+    print(evaluate.format_table(results))
+    print(f"wrote {out_dir}")
     return 0
 
 
@@ -149,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = add("eval", command_eval, "evaluate checkpoints: held-out CE, KL to the teacher, ROUGE-L, exposure bias")
     evaluate.add_argument("--checkpoint", action="append", required=True, metavar="DIR",
                           help="a run directory or checkpoint folder (repeatable: curves are overlaid)")
-    evaluate.add_argument("--out", default=None, help="folder for the table, CSV/JSON files and the plot")
+    evaluate.add_argument("--out", default=None, help="folder for the table, CSV/JSON files and the plot "
+                          "(default: eval/ inside the first checkpoint)")
+    evaluate.add_argument("--split", default="test", choices=("validation", "test"), help="held-out split to evaluate on")
     return parser
 
 
