@@ -1,9 +1,8 @@
 """Lower a verified graph to a torch module, `CompiledObjective`, that computes the loss in chunks.
 
 Fused evaluation (the default) visits the valid tokens of a batch (labels
-other than -100) in chunks of at most `train.chunk_size` rows, and of at
-most `max_chunk_elements` logits per model (so a chunk over a 150k
-vocabulary holds 27 rows by default). For each chunk it
+other than -100) in chunks of at most `train.chunk_size` rows and at most
+`max_chunk_elements` logits per model. For each chunk it
 builds the student's logits rows (gathered from `student_logits`, or
 computed from `student_hidden @ student_head.T`), evaluates every term of
 the selected sampling groups on them, and takes the gradient of the chunk's
@@ -42,9 +41,12 @@ logger = logging.getLogger("kdsl.lower")
 
 IGNORE_INDEX = -100
 
-# Default bound on rows × vocabulary of one chunk: 4M float32 logits (16 MiB) per chunk-sized
-# tensor. The kernels of one chunk keep about ten such tensors alive at once.
-MAX_CHUNK_ELEMENTS = 1 << 22
+# Default bounds on rows × vocabulary of one chunk. The kernels of a chunk keep about 9 (KL) to
+# 18 (JS) chunk-sized float32 tensors alive, so 1M logits (4 MiB) per tensor keeps the working set
+# near 40-80 MiB. From hidden states every chunk re-reads the head [V, H] and updates its gradient,
+# so larger chunks (8M logits, 32 MiB) amortise that traffic.
+LOGITS_CHUNK_ELEMENTS = 1 << 20
+HIDDEN_CHUNK_ELEMENTS = 1 << 23
 
 # Nodes evaluated once per call on whole sequences, before the chunk loop.
 SEQUENCE_OPS = ("sequence_logp", "sequence_length", "sequence_weight", "schedule")
@@ -70,7 +72,7 @@ def lower(
     fused: bool = True,
     chunk_size: int | None = None,
     vocab_size: int | None = None,
-    max_chunk_elements: int = MAX_CHUNK_ELEMENTS,
+    max_chunk_elements: int | None = None,
 ) -> "CompiledObjective":
     """Build the torch module that evaluates `graph`; `objective` supplies settings and the spec text."""
     graph.verify()
@@ -228,7 +230,7 @@ class CompiledObjective(nn.Module):
         fused: bool = True,
         chunk_size: int | None = None,
         vocab_size: int | None = None,
-        max_chunk_elements: int = MAX_CHUNK_ELEMENTS,
+        max_chunk_elements: int | None = None,
     ):
         super().__init__()
         self.graph = graph
@@ -238,13 +240,12 @@ class CompiledObjective(nn.Module):
         self.chunk_size = int(chunk_size or self.settings["train.chunk_size"])
         if self.chunk_size < 1:
             raise KdslError(f"chunk_size must be a positive number of tokens, got {self.chunk_size}")
-        if max_chunk_elements < 1:
+        if max_chunk_elements is not None and max_chunk_elements < 1:
             raise KdslError(f"max_chunk_elements must be a positive number of logits, got {max_chunk_elements}")
-        self.max_chunk_elements = int(max_chunk_elements)
+        self.max_chunk_elements = max_chunk_elements
         self.vocab_size = vocab_size
         self.head_policy = self.settings["head.policy"]
         self.term_keys = _term_keys(graph)
-        self.has_sequence_nodes = any(node.op == "sequence_logp" for node in graph)
         self._warned_vocab: tuple[int, int] | None = None
         _check_projections_available(graph)
 
@@ -433,6 +434,7 @@ class _Plan:
         self.sequence_nodes = [node for node in all_needed if node.op in SEQUENCE_OPS]
         sums = [node.name for node in self.sequence_nodes if node.op == "sequence_logp"]
         self.prepass_nodes = [node for node in _needed(graph, sums, stop=()) if node.op not in SEQUENCE_OPS]
+        self.release = _last_uses(self.row_nodes, keep={name for term in terms for name in term.all_inputs})
         self.roles = sorted({node.attr("role") for node in all_needed if node.op == "input"}, key=list(INPUT_ROLES).index)
         self.student_used = any(node.attr("role") == "student_logits" for node in all_needed if node.op == "input")
 
@@ -441,6 +443,19 @@ class _Plan:
             if any(node.op == "input" and node.attr("role") == role for node in self.graph.ancestors(term.name)):
                 return term
         raise InternalError(f"no selected term needs the input {role}")
+
+
+def _last_uses(nodes: list[Node], keep: set[str]) -> list[list[str]]:
+    """For each node, list the values no later node of `nodes` reads, so a chunk can drop them early."""
+    last: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for name in node.all_inputs:
+            last[name] = index
+    release: list[list[str]] = [[] for _ in nodes]
+    for name, index in last.items():
+        if name not in keep:
+            release[index].append(name)
+    return release
 
 
 def _needed(graph: Graph, roots: list[str], stop: tuple[str, ...]) -> list[Node]:
@@ -537,8 +552,13 @@ class _Call:
 
     def rows_per_chunk(self) -> int:
         """Return `chunk_size`, lowered so one chunk's logits of the widest model fit `max_chunk_elements`."""
-        widest = max((model.vocab for model in self.models.values() if model.present), default=1)
-        return max(1, min(self.module.chunk_size, self.module.max_chunk_elements // widest))
+        present = [model for model in self.models.values() if model.present]
+        widest = max((model.vocab for model in present), default=1)
+        budget = self.module.max_chunk_elements
+        if budget is None:
+            from_hidden = any(model.logits is None for model in present)
+            budget = HIDDEN_CHUNK_ELEMENTS if from_hidden else LOGITS_CHUNK_ELEMENTS
+        return max(1, min(self.module.chunk_size, budget // widest))
 
     def chunks(self, size: int):
         rows = self.rows
@@ -579,8 +599,10 @@ class _Call:
 
     def evaluate_chunk(self, chunk: _Chunk) -> dict[str, Tensor]:
         """Run the per-row emitters on one chunk; return each term's sum over the chunk, coefficient included."""
-        for node in self.plan.row_nodes:
+        for node, released in zip(self.plan.row_nodes, self.plan.release):
             chunk.values[node.name] = _EMITTERS[node.op](self, node, chunk)
+            for name in released:
+                chunk.values.pop(name, None)
         return {term.name: self.term_sum(term, chunk) for term in self.plan.terms}
 
     def term_sum(self, term: Node, chunk: _Chunk) -> Tensor:
