@@ -755,7 +755,9 @@ def _dist_name(dist: Dist) -> str:
     if isinstance(dist, ProjectedDist):
         return f"{dist.source}_to_{dist.target}"
     if isinstance(dist, MixtureDist):
-        return "mix_" + "_".join(f"{_short(c.expr)}{_dist_name(d)}" for c, d in dist.components)
+        # Constant weights are part of the name (mix_0.1o_0.9q); a schedule's weight is only in the node's attrs.
+        parts = [(_short(c.expr) if c.is_constant else "") + _dist_name(d) for c, d in dist.components]
+        return "mix_" + "_".join(parts)
     raise InternalError(f"unknown distribution {dist!r}")
 
 

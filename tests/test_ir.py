@@ -30,6 +30,7 @@ from kdsl.objective import (
     LOG_Q_TOKEN,
     LOG_REF_SEQ,
     POSITION,
+    PROGRESS,
     DataSource,
     Divergence,
     FunctionDef,
@@ -257,6 +258,12 @@ CASES = [
          lambda r, c: r.token_mean(r.kl(r.logp("o"), r.logp("q")))),
     Case("f_divergence_chi2", objective(Term("Df[(t-1)²](o‖q)", div("Df", O, Q, generator=CHI2))),
          lambda r, c: r.token_mean(((torch.exp(r.logp("o")) - torch.exp(r.logp("q"))) ** 2 / torch.exp(r.logp("q"))).sum(-1))),
+    Case("scheduled_mixture",
+         objective(Term("KL(o ‖ α·o + (1-α)·q)", div("KL", O, MixtureDist(((Scalar(PROGRESS / 2), O), (Scalar(1 - PROGRESS / 2), Q)))))),
+         lambda r, c: r.token_mean(r.kl(r.logp("o"), r.mix((c["progress"] / 2, r.logp("o")), (1 - c["progress"] / 2, r.logp("q"))))),
+         call={"progress": 0.4}),
+    Case("uld", objective(Term("ULD(q, o)", div("ULD", Q, O))),
+         lambda r, c: r.token_mean(_uld(r.logp("q"), r.logp("o")))),
     Case("two_groups",
          objective(Term("E[d_q] KL(q‖o)", div("KL", Q, O), group=1), Term("E[d_data] CE", div("CE")),
                    groups=[DataSource(), MixtureSource(((number(0.5), StudentSource()), (number(0.5), DataSource())))]),
@@ -264,6 +271,16 @@ CASES = [
 ]
 
 CASE_NAMES = [case.name for case in CASES]
+
+
+def _uld(la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """L1 distance of the sorted probability vectors, the shorter one padded with zeros."""
+    pa = torch.exp(la).sort(dim=-1, descending=True).values
+    pb = torch.exp(lb).sort(dim=-1, descending=True).values
+    width = max(pa.shape[-1], pb.shape[-1])
+    pa = torch.nn.functional.pad(pa, (0, width - pa.shape[-1]))
+    pb = torch.nn.functional.pad(pb, (0, width - pb.shape[-1]))
+    return (pa - pb).abs().sum(-1)
 
 
 def _js(r: Ref, beta: float) -> torch.Tensor:

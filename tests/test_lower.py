@@ -118,6 +118,29 @@ def test_negative_infinite_teacher_logits(name):
     assert_close(grad, expected_grad, "student gradient")
 
 
+@pytest.mark.parametrize("beta", [0, 1])
+def test_js_endpoints_are_zero(beta):
+    obj = objective(Term(f"JS[{beta}](o‖q)", div("JS", ModelDist("o"), ModelDist("q"), param=beta)))
+    student, teacher, _, labels = make_batch(seed=14)
+    result = lower(ir.build(obj), obj)(student_logits=student, teacher_logits=teacher, labels=labels)
+    (grad,) = torch.autograd.grad(result.loss, student)
+    assert result.loss.item() == 0.0
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_uld_across_vocabulary_sizes():
+    case = CASES[CASE_NAMES.index("uld")]
+    student, _, _, labels = make_batch(seed=15)
+    teacher = torch.randn(B, T, 17, generator=torch.Generator().manual_seed(16))
+    graph = ir.build(case.objective)
+    assert not graph.shared_vocab
+    result = lower(graph, case.objective, chunk_size=4)(student_logits=student, teacher_logits=teacher, labels=labels)
+    (grad,) = torch.autograd.grad(result.loss, student)
+    expected, expected_grad = reference_value_and_grad(case, student, teacher, teacher, labels)
+    assert_close(result.loss, expected, "loss")
+    assert_close(grad, expected_grad, "student gradient")
+
+
 def test_reverse_kl_is_infinite_where_teacher_rules_out():
     case = CASES[CASE_NAMES.index("kl_reverse")]
     student, teacher, ref, labels = make_batch(seed=5)
