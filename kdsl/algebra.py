@@ -348,6 +348,10 @@ def find_negative(expr: sympy.Expr, ranges: dict) -> tuple[bool, dict | None]:
     """Try to prove `expr >= 0` over `ranges`; return (proved, a point where it is negative or None)."""
     if expr.is_nonnegative or bounds(expr, ranges)[0] >= -TOLERANCE:
         return True, None
+    if sympy.count_ops(expr) <= 40:
+        simplified = sympy.simplify(expr)
+        if simplified.is_nonnegative or bounds(simplified, ranges)[0] >= -TOLERANCE:
+            return True, None
     symbols = sorted(expr.free_symbols, key=lambda s: s.name)
     if not symbols:
         value = float(expr)

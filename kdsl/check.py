@@ -383,7 +383,8 @@ class Checker:
             return _Lin("source", [(sympy.Integer(1), atom, None)], node.span)
         if name == "CE":
             if context is not None:
-                self.error("KD121", f"CE is a loss; losses belong in the objective, not in the definition of {context}", node.span)
+                self.error("KD121", f"CE is a loss; losses belong in the objective, not in the definition of {context}", node.span,
+                           "weight the loss in the objective, as in λ(t, w) · CE")
                 return None
             return _Lin("loss", [(sympy.Integer(1), obj.Divergence("CE", span=node.span), None)], node.span)
         if name in algebra.MATH_CONSTANTS:
@@ -398,7 +399,7 @@ class Checker:
         function = self.functions[node.id]
         function.used = True
         if function.definition.params:
-            self.error("KD113", f"{node.text} takes {len(function.definition.params)} argument(s)", node.span,
+            self.error("KD113", f"{node.text} takes {_count(len(function.definition.params), 'argument')}", node.span,
                        f"call it: {node.text}({', '.join(p.text for p in function.definition.params)})")
             return None
         body = self.function_body(node.id)
@@ -412,9 +413,11 @@ class Checker:
         if name in DIVERGENCES:
             self.error("KD122", f"{name} needs arguments", node.span, f"write {name}(o ‖ q)")
         elif name in ("true", "false"):
-            self.error("KD120", f"{name} is a value for settings, not for expressions", node.span)
+            self.error("KD120", f"{name} is a value for settings, not for expressions", node.span,
+                       "use 1 or 0, or where(condition, a, b)")
         elif name == "w_t":
-            self.error("KD123", "'w_t' is the token at position t; use it as an argument, as in o(w_t) or q(w_t)", node.span)
+            self.error("KD123", "'w_t' is the token at position t, not a number", node.span,
+                       "use it as an argument, as in o(w_t) or q(w_t)")
         elif name == SUM:
             self.error("KD122", f"{node.text} needs an expression to sum over positions", node.span,
                        f"write {node.text}(log(q(w_t)))")
@@ -424,14 +427,16 @@ class Checker:
         elif name == "E":
             self.error("KD122", "E is the expectation and needs brackets", node.span, "write E[w ~ d_q] KL(o ‖ q)")
         else:
-            self.error("KD101", f"unknown name {node.text!r}", node.span, self.suggest(node.text, name, scope))
+            hint = self.suggest(node.text, name, scope) or f"define it first, as in '{node.text} = 0.5'"
+            self.error("KD101", f"unknown name {node.text!r}", node.span, hint)
         return None
 
     def setting_value(self, node: ast.Name):
         self.settings_read.add(node.id)
         value = self.settings[node.id]
         if isinstance(value, str):
-            self.error("KD120", f"setting {node.id!r} is a string and cannot appear in arithmetic", node.span)
+            self.error("KD120", f"setting {node.id!r} is a string and cannot appear in arithmetic", node.span,
+                       "use a numeric setting such as train.epochs, or a number")
             return None
         return algebra.constant(value)
 
@@ -471,7 +476,8 @@ class Checker:
         return -value
 
     def misuse_w(self, value: _W):
-        self.error("KD123", "'w' is the sampled sequence; use it as an argument, as in o(w) or λ(t, w)", value.span)
+        self.error("KD123", "'w' is the sampled sequence, not a number", value.span,
+                   "use it as an argument, as in o(w), ρ(w) or λ(t, w)")
         return None
 
     def eval_binaryop(self, node: ast.BinaryOp, scope, context):
@@ -505,7 +511,7 @@ class Checker:
                            "divide by a number, as in KL(o ‖ q) / 2")
                 return None
             if right == 0:
-                self.error("KD003", "division by zero", node.right.span)
+                self.error("KD003", "division by zero", node.right.span, "divide by a non-zero number")
                 return None
             return left.scaled(1 / right, node.span)
         self.error("KD125", f"cannot raise {describe(left if left_lin else right)} to a power", node.span,
@@ -515,7 +521,7 @@ class Checker:
     def arithmetic(self, node: ast.BinaryOp, left: sympy.Expr, right: sympy.Expr):
         op = node.op
         if op == "/" and right == 0:
-            self.error("KD003", "division by zero", node.right.span)
+            self.error("KD003", "division by zero", node.right.span, "divide by a non-zero number")
             return None
         if op == "^" and not self.power_allowed(node, left, right):
             return None
@@ -525,7 +531,8 @@ class Checker:
     def finite_real(self, value: sympy.Expr, span: Span, what: str):
         """Return `value` if it can be a finite real number; report KD003 otherwise."""
         if value.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
-            self.error("KD003", f"{what} has no finite value: {_show(value)}", span)
+            self.error("KD003", f"{what} has no finite value: {_show(value)}", span,
+                       "check divisions by zero and logarithms of zero")
             return None
         if value.is_number and value.is_real is False:
             self.error("KD003", f"{what} is not a real number: {_show(value)}", span,
@@ -546,7 +553,7 @@ class Checker:
             if magnitude is None or power is None:
                 return True
             if magnitude == 0 and power < 0:
-                self.error("KD003", "division by zero: 0 raised to a negative power", node.span)
+                self.error("KD003", "division by zero: 0 raised to a negative power", node.span, "raise 0 only to positive powers")
                 return False
             if magnitude > 0 and abs(math.log10(magnitude) * power) > 300:
                 self.error("KD003", "the value of this power is out of the float64 range", node.span,
@@ -555,7 +562,7 @@ class Checker:
             return True
         if abs(float(exponent)) > MAX_EXPONENT:
             self.error("KD003", f"the exponent {_show(exponent)} is too large: at most {MAX_EXPONENT} for an expression with variables",
-                       node.right.span)
+                       node.right.span, "write the power with exp and log, as in exp(k·log(x))")
             return False
         return True
 
@@ -578,19 +585,21 @@ class Checker:
         if left is None or right is None:
             return None
         if not isinstance(left, sympy.Expr) or not isinstance(right, sympy.Expr):
-            self.error("KD120", "comparisons take number-valued expressions", node.span)
+            self.error("KD120", "comparisons take number-valued expressions", node.span, "compare numbers, as in t <= 64")
             return None
         return {"<": sympy.StrictLessThan, "<=": sympy.LessThan, ">": sympy.StrictGreaterThan,
                 ">=": sympy.GreaterThan, "==": sympy.Eq}[node.op](left, right)
 
     def eval_keyword(self, node: ast.Keyword, scope, context):
-        self.error("KD120", f"keyword argument {node.name.text}= is not allowed here", node.span)
+        self.error("KD120", f"keyword argument {node.name.text}= is not allowed here", node.span,
+                   "keyword options belong to o[τ=2], o[top_k=64] and adaptive(d_q, d_data, init_prob=0.1)")
         return None
 
     def eval_project(self, node: ast.Project, scope, context):
         source = node.source
         if not (isinstance(source, ast.Name) and source.id in MODELS) or node.target.id not in MODELS or node.target.id == source.id:
-            self.error("KD131", "a projection is written o→q (teacher into the student's vocabulary) or q→o", node.span)
+            self.error("KD131", "invalid projection: only o→q and q→o exist", node.span,
+                       "write o→q for the teacher in the student's vocabulary, or q→o for the student in the teacher's")
             return None
         self.uses.add("projection.")
         atom = obj.ProjectedDist(source.id, span=node.span)
@@ -598,7 +607,8 @@ class Checker:
 
     def eval_expectation(self, node: ast.Expectation, scope, context):
         if context is not None:
-            self.error("KD126", "E[...] belongs in the objective, not in a definition", node.head_span)
+            self.error("KD126", "E[...] belongs in the objective, not in a definition", node.head_span,
+                       "define the weight without E and write E[w ~ D] in the objective")
             return None
         if node.variable.id != "w":
             self.error("KD127", f"E[...] samples the sequence w, not {node.variable.text!r}", node.variable.span,
@@ -635,7 +645,8 @@ class Checker:
         if isinstance(base, ast.Name) and base.id in PARAMETRISED:
             self.error("KD122", f"{base.text}[...] needs arguments", node.span, f"write {base.text}[...](o ‖ q)")
             return None
-        self.error("KD120", "brackets [...] follow o or q (o[τ=2], o[top_k=64]) or a divergence (JS[0.5])", node.span)
+        self.error("KD120", "brackets [...] are not allowed after this expression", node.span,
+                   "brackets follow o or q (o[τ=2], o[top_k=64]) or a parametrised divergence (JS[0.5](o ‖ q))")
         return None
 
     def model_options(self, node: ast.Subscript, base: ast.Name):
@@ -652,7 +663,8 @@ class Checker:
             if value is None:
                 return None
             if not isinstance(value, sympy.Expr):
-                self.error("KD132", f"{item.name.text} takes a number, got {describe(value)}", item.value.span)
+                self.error("KD132", f"{item.name.text} takes a number, got {describe(value)}", item.value.span,
+                           "write o[τ=2] or o[top_k=64]")
                 return None
             if item.name.id == "top_k":
                 if value.free_symbols or not value.is_integer or value < 1 or value > 2**31:
@@ -715,9 +727,10 @@ class Checker:
             self.error("KD122", "CE takes no arguments", node.span, "write CE")
             return None
         if name in SOURCES or name in ROLE_NAMES or name in SETTINGS:
-            self.error("KD120", f"{func.text} is not a function", func.span)
+            self.error("KD120", f"{func.text} is not a function", func.span, f"write {func.text} without arguments")
             return None
-        self.error("KD101", f"unknown function {func.text!r}", func.span, self.suggest(func.text, name, scope))
+        hint = self.suggest(func.text, name, scope) or f"define it first, as in '{func.text}(t) = 1 - t/100'"
+        self.error("KD101", f"unknown function {func.text!r}", func.span, hint)
         return None
 
     def positional(self, node: ast.Call, scope, context) -> list | None:
@@ -740,18 +753,19 @@ class Checker:
             return None
         if (arity is not None and len(args) != arity) or (arity is None and len(args) < 2):
             expected = f"{arity}" if arity is not None else "at least 2"
-            self.error("KD113", f"{node.func.text} takes {expected} argument(s), got {len(args)}", node.span,
-                       "write where(t <= 64, 1, 0)" if node.func.id == "where" else None)
+            self.error("KD113", f"{node.func.text} takes {expected} {'argument' if arity == 1 else 'arguments'}, got {len(args)}", node.span,
+                       _math_example(node.func.text, arity))
             return None
         is_where = node.func.id == "where"
         for index, (arg, arg_node) in enumerate(zip(args, node.args)):
             if is_where and index == 0:
                 if not isinstance(arg, sympy.logic.boolalg.Boolean) or isinstance(arg, sympy.Expr):
-                    self.error("KD120", "the first argument of where must be a comparison, as in where(t <= 64, 1, 0)",
-                               arg_node.span)
+                    self.error("KD120", "the first argument of where must be a comparison", arg_node.span,
+                               "write where(t <= 64, 1, 0)")
                     return None
             elif not isinstance(arg, sympy.Expr):
-                self.error("KD120", f"{node.func.text} takes number-valued arguments, got {describe(arg)}", arg_node.span)
+                self.error("KD120", f"{node.func.text} takes number-valued arguments, got {describe(arg)}", arg_node.span,
+                           "math functions apply to weights and schedules, not to distributions or losses")
                 return None
         result = func(*args)
         if isinstance(result, sympy.Expr):
@@ -761,7 +775,7 @@ class Checker:
     def position_sum(self, node: ast.Call, scope, context):
         """Σ(expr): the sum of a per-position expression over the positions t = 1..T of the response."""
         if len(node.args) != 1 or isinstance(node.args[0], ast.Keyword):
-            self.error("KD113", f"{node.func.text} takes one expression, got {len(node.args)} argument(s)", node.span,
+            self.error("KD113", f"{node.func.text} takes one expression, got {_count(len(node.args), 'argument')}", node.span,
                        f"write {node.func.text}(log(q(w_t)))")
             return None
         inner = dict(scope)
@@ -822,7 +836,7 @@ class Checker:
         params = function.definition.params
         if len(node.args) != len(params):
             expected = ", ".join(p.text for p in params)
-            self.error("KD113", f"{node.func.text} takes {len(params)} argument(s) ({expected}), got {len(node.args)}", node.span,
+            self.error("KD113", f"{node.func.text} takes {_count(len(params), 'argument')} ({expected}), got {len(node.args)}", node.span,
                        f"call it as {node.func.text}({expected})")
             return None
         if self.function_body(name) is None:
@@ -845,7 +859,7 @@ class Checker:
                     return None
             elif not isinstance(value, sympy.Expr):
                 self.error("KD122", f"argument {param.text} of {node.func.text} must be number-valued, got {describe(value)}",
-                           arg_node.span)
+                           arg_node.span, f"pass a number or a role name, as in {node.func.text}({', '.join(p.text for p in params)})")
                 return None
             inner[param.id] = value
         substitutions = {ROLE_SYMBOLS[p]: v for p, v in inner.items() if p in ROLE_SYMBOLS}
@@ -897,7 +911,7 @@ class Checker:
         if kind in PARAMETRISED:
             if len(items) != 1 or isinstance(items[0], ast.Keyword):
                 self.error("KD133", f"{kind}[...] takes one parameter, got {len(items)}", node.func.span,
-                           "write JS[0.5](o ‖ q)" if kind == "JS" else f"write {kind}[0.1](o ‖ q)" if kind != "Df" else "write Df[f](o ‖ q)")
+                           _divergence_example(kind))
                 return None
             if kind == "Df":
                 generator = self.generator(items[0])
@@ -913,7 +927,7 @@ class Checker:
         arity = {"H": (1, 2)}.get(kind, (2,))
         if len(args) not in arity:
             expected = " or ".join(str(a) for a in arity)
-            self.error("KD113", f"{kind} takes {expected} distribution(s), got {len(args)}", node.span,
+            self.error("KD113", f"{kind} takes {expected} {'distribution' if arity == (1,) else 'distributions'}, got {len(args)}", node.span,
                        _divergence_example(kind))
             return None
         dists = []
@@ -1027,17 +1041,27 @@ class Checker:
                        f"subtract the constant: {name}(x) = ... - ({shown})")
             return False
         second = sympy.diff(body, x, 2)
-        if second.is_nonnegative or algebra.bounds(second, {x: (1e-300, math.inf)})[0] >= 0:
+        smooth = algebra.unsupported_node(second) is None
+        if smooth and (second.is_nonnegative or algebra.bounds(second, {x: (1e-300, math.inf)})[0] >= 0):
             return True
         xs = np.logspace(-6, 6, 241)
-        values = algebra.evaluate_numeric(second, {x: xs})
-        bad = np.flatnonzero(values < -1e-12)
+        if smooth:
+            values = algebra.evaluate_numeric(second, {x: xs})
+            bad = np.flatnonzero(values < -1e-12)
+            shown = f"f''(x) = {_show(second)} is negative"
+        else:
+            # f is not twice differentiable (abs, min, max, where): test convexity on each triple of neighbouring points.
+            values = algebra.evaluate_numeric(body, {x: xs})
+            chord = values[:-2] + (values[2:] - values[:-2]) * (xs[1:-1] - xs[:-2]) / (xs[2:] - xs[:-2])
+            bad = np.flatnonzero(values[1:-1] > chord + 1e-9 * (1 + np.abs(chord))) + 1
+            shown = "f lies above its chord"
         if bad.size:
-            self.error("KD139", f"generator {name} is not convex on (0, ∞): f''(x) = {_show(second)} is negative at x = {xs[bad[0]]:g}",
+            self.error("KD139", f"generator {name} is not convex on (0, ∞): {shown} at x = {xs[bad[0]]:g}",
                        item.span, "an f-divergence needs a convex f, such as x·log(x) (KL) or (x - 1)^2 (χ²)")
             return False
-        self.warn("KD139", f"could not prove generator {name} convex; f''(x) = {_show(second)} was non-negative at 241 points "
-                  "in [1e-6, 1e6]", item.span)
+        if smooth:
+            self.warn("KD139", f"could not prove generator {name} convex; f''(x) = {_show(second)} was non-negative at 241 points "
+                      "in [1e-6, 1e6]", item.span, "check the generator by hand")
         return True
 
     def make_dist(self, value, span: Span, kind: str):
@@ -1060,11 +1084,12 @@ class Checker:
     def mixture_components(self, value: _Lin, span: Span, word: str, example: str):
         """Check that mixture coefficients are constants or schedules in [0, 1] that sum to 1."""
         ranges = algebra.domain(self.settings)
+        plural = "probabilities" if word == "probability" else f"{word}s"
         total = sympy.Integer(0)
         components = []
         for coefficient, atom, _ in value.items:
             if coefficient.free_symbols - obj.SCHEDULE_ROLES:
-                self.error("KD141", f"mixture {word}s must be constants or schedules of epoch, step or progress, "
+                self.error("KD141", f"mixture {plural} must be constants or schedules of epoch, step or progress, "
                            f"got {_show(coefficient)}", span, "per-token quantities cannot weight a mixture")
                 return None
             proved, point = algebra.in_unit_interval(coefficient, ranges)
@@ -1079,7 +1104,7 @@ class Checker:
             components.append((obj.Scalar(coefficient), atom))
             total += coefficient
         if not algebra.is_zero(total - 1, ranges):
-            self.error("KD141", f"mixture {word}s must sum to 1, but they sum to {_show(sympy.simplify(total))}", span,
+            self.error("KD141", f"mixture {plural} must sum to 1, but they sum to {_show(sympy.simplify(total))}", span,
                        f"write the last {word} as 1 minus the others, e.g. {example}")
             return None
         return components
@@ -1092,8 +1117,8 @@ class Checker:
             return True
         a, b = describe_dist(dists[0]), describe_dist(dists[1])
         fix = f"{kind}(o→q ‖ q)" if dists[0].vocab == "teacher" else f"{kind}(q→o ‖ o)"
-        self.error("KD130", f"{kind}({a} ‖ {b}) compares distributions over different vocabularies "
-                   f"({first} and {second}): the teacher and student tokenizers differ", node.span,
+        self.error("KD130", f"{kind}({a} ‖ {b}) compares a distribution over the {first} vocabulary with one over the "
+                   f"{second} vocabulary, but the teacher and student tokenizers differ", node.span,
                    f"project one side into the other's vocabulary, e.g. {fix}, or use ULD({a}, {b})")
         return False
 
@@ -1180,7 +1205,8 @@ class Checker:
         loss = describe_divergence(divergence)
         for label, expr in parts.items():
             if not expr.free_symbols and algebra.finite_float(expr) is None:
-                self.error("KD003", f"the {label} of {loss} is not a finite number: {_show(expr)}", span)
+                self.error("KD003", f"the {label} of {loss} is not a finite number: {_show(expr)}", span,
+                           "write a weight between 1e-300 and 1e300")
                 return False
             if label == "weight" and divergence.kind == "H" and len(divergence.args) == 1:
                 continue  # -c·H(q) is a standard entropy bonus
@@ -1218,6 +1244,9 @@ class Checker:
 
     def warn_about_objective(self, terms: list[obj.Term]) -> None:
         for term in terms:
+            if term.coefficient.expr == 0:
+                self.warn("KD155", f"term {term.name} has weight 0 and has no effect", term.span, "remove it")
+                continue
             if not depends_on_student(term.loss):
                 self.warn("KD151", f"term {term.name} does not depend on the student, so it adds no gradient", term.span,
                           "remove it, or compare against q")
@@ -1308,9 +1337,22 @@ def _confusable_hint(text: str) -> str | None:
     """Name a letter of another script that looks like an ASCII letter, as in Cyrillic 'о' for 'o'."""
     for ch in text:
         if ch in CONFUSABLES:
-            return (f"{text!r} contains the {unicodedata.name(ch).lower()} {ch!r} "
+            script, *rest = unicodedata.name(ch).lower().split()
+            return (f"{text!r} contains the {script.capitalize()} {' '.join(rest)} {ch!r} "
                     f"(U+{ord(ch):04X}), which looks like the ASCII {CONFUSABLES[ch]!r}")
     return None
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _math_example(name: str, arity: int | None) -> str:
+    if name == "where":
+        return "write where(t <= 64, 1, 0)"
+    if arity is None:
+        return f"write {name}(a, b)"
+    return f"write {name}({', '.join(['x', 'low', 'high'][:arity])})"
 
 
 def _divergence_example(kind: str) -> str:

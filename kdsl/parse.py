@@ -49,6 +49,7 @@ TERMINAL_WORDS = {
     "PLUS": "'+'", "MINUS": "'-'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['",
     "RSQB": "']'", "EQUAL": "'='", "$END": "the end of the spec",
 }
+CONTROL_NAMES = {"\x00": "NULL", "\x1b": "ESCAPE", "\x7f": "DELETE", "\x08": "BACKSPACE"}
 EXPRESSION_STARTS = {"NAME", "NUMBER", "STRING", "E_OPEN", "LPAR", "MINUS", "PLUS"}
 OPERATORS = {"PLUS", "MINUS", "TIMES", "DIVIDE", "POWER", "COMPARE", "ARROW"}
 
@@ -129,7 +130,7 @@ def _check_size(text: str, path: str) -> None:
 
 def _check_depth(tree: lark.Tree, text: str, path: str) -> None:
     """Reject parse trees nested deeper than MAX_NESTING, walking the tree without recursion."""
-    stack = [(tree, 0)]
+    stack = [(tree, -2)]  # the root and a statement are not expression levels
     while stack:
         node, depth = stack.pop()
         if depth > MAX_NESTING:
@@ -186,7 +187,7 @@ def _character_diagnostic(error: lark.exceptions.UnexpectedCharacters, text: str
     elif char.isdigit():
         hint = "a name cannot start with a digit"
     elif unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
-        hint = f"remove the invisible character {unicodedata.name(char, 'U+%04X' % ord(char))}"
+        hint = f"remove the invisible character {CONTROL_NAMES.get(char) or unicodedata.name(char, 'U+%04X' % ord(char))}"
     return Diagnostic("KD010", f"unexpected character {char!r} (U+{ord(char):04X})" if char else "unexpected character", span, hint)
 
 
@@ -290,7 +291,7 @@ def _token_word(token: Token) -> str:
     return repr(str(token))
 
 
-def _token_hint(token: Token, expected: set[str]) -> str | None:
+def _token_hint(token: Token, expected: set[str]) -> str:
     if token.type in ("NAME", "NUMBER", "STRING", "E_OPEN", "LPAR") and "TIMES" in expected:
         return "two terms side by side need an operator between them, such as '·' or '+'"
     if token.type == "EQUAL":
@@ -299,9 +300,13 @@ def _token_hint(token: Token, expected: set[str]) -> str | None:
         return "'‖' separates the two arguments of a divergence, as in KL(o ‖ q)"
     if token.type == "SAMPLE":
         return "'~' belongs in E[w ~ D]"
+    if token.type in ("RPAR", "RSQB") and not expected & {"RPAR", "RSQB"}:
+        return f"this {str(token)!r} closes no open bracket: remove it"
+    if expected and expected <= {"LPAR", "EQUAL"}:
+        return "a statement is 'name = value' or 'name(parameters) = body': write '=' after the name"
     if "RPAR" in expected or "RSQB" in expected:
         return "a bracket is not closed"
-    return None
+    return "a statement is 'name = value', 'name(parameters) = body' or 'eval metric, ...'"
 
 
 # --- building the syntax tree -------------------------------------------------------------

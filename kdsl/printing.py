@@ -327,26 +327,28 @@ def canonical_form(objective: obj.Objective) -> str:
     generation settings where a construct uses them.
     """
     weights: dict[tuple[str, str], sympy.Expr] = {}
-    uses = set()
+    uses: dict[tuple[str, str], set[str]] = {}
     for term in objective.terms:
         source = objective.groups[term.group]
-        uses |= _source_uses(source)
         total = term.coefficient.expr
+        term_uses = _source_uses(source)
+        if term.sequence_weight is not None:
+            term_uses.add("rho")
         for weight in (term.token_weight, term.sequence_weight):
             if weight is not None:
                 total = total * weight.expr
-                uses.add("rho" if weight is term.sequence_weight else "weight")
         for factor, atom in term.loss.desugar():
-            uses |= {"projection" for d in atom.args if _has_projection(d)}
             key = (_canonical_source(source), _canonical_atom(atom))
             weights[key] = weights.get(key, sympy.Integer(0)) + total * factor.expr
-    lines = [HASH_VERSION, f"reduction={objective.reduction}"]
-    lines += _meaning_settings(objective.settings, uses)
-    for (source, atom), weight in sorted(weights.items()):
+            uses.setdefault(key, set()).update(term_uses, {"projection" for d in atom.args if _has_projection(d)})
+    lines, used = [], set()
+    for key, weight in sorted(weights.items()):
         expanded = sympy.expand(sympy.powsimp(weight, combine="exp"))
         if expanded != 0:
-            lines.append(f"E[{source}] {atom} * {sympy.srepr(expanded)}")
-    return "\n".join(lines) + "\n"
+            lines.append(f"E[{key[0]}] {key[1]} * {sympy.srepr(expanded)}")
+            used |= uses[key]
+    header = [HASH_VERSION, f"reduction={objective.reduction}"] + _meaning_settings(objective.settings, used)
+    return "\n".join(header + lines) + "\n"
 
 
 def _meaning_settings(settings: dict, uses: set[str]) -> list[str]:
