@@ -675,17 +675,29 @@ class _GradientAccumulator:
 
 
 class _PrecomputedGradients(torch.autograd.Function):
-    """An identity on the loss value whose backward pass returns gradients computed in the forward pass."""
+    """An identity on the loss value whose backward pass returns gradients computed in the forward pass.
+
+    The gradients are handed out without a copy (scaled in place unless the
+    incoming gradient is 1), so the backward pass can run only once.
+    """
 
     @staticmethod
     def forward(ctx, value: Tensor, count: int, *tensors: Tensor) -> Tensor:
         ctx.count = count
-        ctx.save_for_backward(*tensors[count:])
+        ctx.grads = list(tensors[count:])
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        grads = [grad * grad_output.to(grad.dtype) for grad in ctx.saved_tensors]
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(
+                "the backward pass of a compiled kdsl loss can run only once (its gradients are computed in the "
+                "forward pass); call the objective again instead of backward(retain_graph=True)"
+            )
+        if not torch.equal(grad_output, torch.ones_like(grad_output)):
+            for grad in grads:
+                grad.mul_(grad_output.to(grad.dtype))
         return (None, None, *grads, *([None] * ctx.count))
 
 

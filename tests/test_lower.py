@@ -382,6 +382,15 @@ def test_backward_scales_with_upstream_gradient():
     assert_close(student.grad, 3.0 * expected_grad, "gradient of 3·loss")
 
 
+def test_second_backward_raises():
+    case = CASES[CASE_NAMES.index("kl_forward")]
+    student, teacher, ref, labels = make_batch()
+    result = lower(ir.build(case.objective), case.objective)(**call_kwargs(case, student, teacher, ref, labels))
+    result.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="can run only once"):
+        result.loss.backward()
+
+
 # --- Module behaviour ------------------------------------------------------------------------------
 
 
