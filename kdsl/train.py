@@ -626,6 +626,15 @@ def write_run_files(out_dir: Path, objective: Objective) -> None:
     checkpoint.atomic_write_json(out_dir / "versions.json", library_versions())
 
 
+def multi_process_cpu() -> bool:
+    """Return whether this is one of several processes on a machine without CUDA.
+
+    accelerate sets up the gloo process group for such a launch (torchrun,
+    mpirun) only when asked for the CPU explicitly.
+    """
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def jsonable(settings: dict) -> dict:
     return {k: v if isinstance(v, (str, int, float, bool)) or v is None else str(v) for k, v in settings.items()}
 
@@ -753,7 +762,7 @@ def train(objective: Objective, compiled: torch.nn.Module, *, out_dir: str | Pat
 
     config = TrainConfig.from_settings(objective.settings)
     out_dir = Path(out_dir)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=multi_process_cpu())
     if not resume and (out_dir / "metrics.jsonl").exists():
         raise ConfigError(
             f"{out_dir} already contains a run: resume it (kdsl run SPEC --resume {out_dir}) "

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -186,3 +191,181 @@ def test_missing_teacher_is_reported(tiny, tmp_path):
             pairs=tiny["pairs"], heldout=None, config=TrainConfig.from_settings(objective.settings),
             accelerator=Accelerator(), run_dir=tmp_path,
         )
+
+
+# --- Resume after a kill ---------------------------------------------------------------
+
+RESUME_SPEC = "objective = E[w ~ 0.5·d_q + 0.5·d_data] KL(o ‖ q) + 0.5 · CE"
+RESUME_SETTINGS = {"train.max_steps": 8, "train.save_every": 2, "train.keep_checkpoints": 2,
+                   "train.baseline": False, "train.seed": 5, "train.grad_accum": 2}
+
+DRIVER = '''
+import json, sys, torch
+torch.set_num_threads(1)
+import datasets, kdsl
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from kdsl.train import compile_objective, train
+
+root, out_dir = sys.argv[1], sys.argv[2]
+settings = json.loads(open(root + "/settings.json").read())
+objective = kdsl.load(open(root + "/spec.kd").read(), settings)
+tokenizer = PreTrainedTokenizerFast.from_pretrained(root + "/tokenizer")
+train(
+    objective, compile_objective(objective), out_dir=out_dir,
+    student=AutoModelForCausalLM.from_pretrained(root + "/student"),
+    teacher=AutoModelForCausalLM.from_pretrained(root + "/teacher"), tokenizer=tokenizer,
+    pairs=datasets.load_from_disk(root + "/pairs"), heldout=datasets.load_from_disk(root + "/heldout"),
+    progress_bar=False,
+)
+'''
+
+
+def write_driver_inputs(tiny, root: Path, spec: str, settings: dict) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    make_model(len(tiny["tokenizer"]), seed=1).save_pretrained(root / "student")
+    tiny["teacher"].save_pretrained(root / "teacher")
+    tiny["tokenizer"].save_pretrained(root / "tokenizer")
+    tiny["pairs"].save_to_disk(root / "pairs")
+    tiny["heldout"].save_to_disk(root / "heldout")
+    (root / "spec.kd").write_text(spec)
+    (root / "settings.json").write_text(json.dumps({**BASE_SETTINGS, **settings}))
+    (root / "driver.py").write_text(DRIVER)
+
+
+def driver_command(root: Path, out_dir: Path) -> list[str]:
+    return [sys.executable, str(root / "driver.py"), str(root), str(out_dir)]
+
+
+def driver_env() -> dict:
+    repo = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def step_losses(run_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss/total"]) for r in records if "loss/total" in r]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_uninterrupted(tiny, tmp_path):
+    root = tmp_path / "inputs"
+    write_driver_inputs(tiny, root, RESUME_SPEC, RESUME_SETTINGS)
+
+    # The uninterrupted run, in this process with the same inputs.
+    from transformers import AutoModelForCausalLM
+
+    objective = kdsl.load(RESUME_SPEC, {**BASE_SETTINGS, **RESUME_SETTINGS})
+    train(
+        objective, compile_objective(objective), out_dir=tmp_path / "straight",
+        student=AutoModelForCausalLM.from_pretrained(root / "student"),
+        teacher=AutoModelForCausalLM.from_pretrained(root / "teacher"),
+        tokenizer=tiny["tokenizer"], pairs=tiny["pairs"], heldout=tiny["heldout"], progress_bar=False,
+    )
+    expected = step_losses(tmp_path / "straight")
+    assert [s for s, _ in expected] == list(range(1, 9))
+
+    # A run killed with SIGKILL once its step-4 checkpoint exists, then resumed.
+    out_dir = tmp_path / "killed"
+    child = subprocess.Popen(driver_command(root, out_dir), env=driver_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out_dir / "checkpoints" / "step-00000004").is_dir():
+        assert child.poll() is None, child.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the child wrote no step-4 checkpoint within 120 s"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (out_dir / "student").exists(), "the child finished before it was killed"
+
+    # Resume in this process: a fresh student from the same initial weights, state from the checkpoint.
+    train(
+        objective, compile_objective(objective), out_dir=out_dir,
+        student=AutoModelForCausalLM.from_pretrained(root / "student"),
+        teacher=AutoModelForCausalLM.from_pretrained(root / "teacher"),
+        tokenizer=tiny["tokenizer"], pairs=tiny["pairs"], heldout=tiny["heldout"], progress_bar=False,
+        resume=True,
+    )
+    assert step_losses(out_dir) == expected
+    checkpoints = sorted(p.name for p in (out_dir / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000004", "step-00000006"]
+
+
+# --- Two processes ---------------------------------------------------------------------
+
+DISTRIBUTED_DRIVER = '''
+import json, sys, torch
+torch.set_num_threads(1)
+import datasets, kdsl
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from kdsl.train import compile_objective, train
+
+root, out_dir = sys.argv[1], sys.argv[2]
+base = json.loads(open(root + "/settings.json").read())
+tokenizer = PreTrainedTokenizerFast.from_pretrained(root + "/tokenizer")
+runs = {
+    "data": ("objective = KL(o ‖ q) + 0.5 · CE", {"train.batch_size": 2, "train.save_every": 2}),
+    "mixture": ("objective = E[w ~ 0.5·d_q + 0.5·d_data] KL(o ‖ q) + 0.5 · CE", {"train.batch_size": 2}),
+}
+for name, (spec, settings) in runs.items():
+    objective = kdsl.load(spec, {**base, **settings})
+    result = train(
+        objective, compile_objective(objective), out_dir=out_dir + "/" + name,
+        student=AutoModelForCausalLM.from_pretrained(root + "/student"),
+        teacher=AutoModelForCausalLM.from_pretrained(root + "/teacher"), tokenizer=tokenizer,
+        pairs=datasets.load_from_disk(root + "/pairs"), heldout=datasets.load_from_disk(root + "/heldout"),
+        progress_bar=False,
+    )
+    sources = [r["source/0"] for r in result.metrics if "source/0" in r]
+    rank = PartialState().process_index
+    with open(f"{out_dir}/{name}/sources_{rank}.json", "w") as f:
+        json.dump(sources, f)
+'''
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_big_batch(tiny, tmp_path):
+    root = tmp_path / "inputs"
+    settings = {"train.max_steps": 4, "train.baseline": False, "train.seed": 2, "train.grad_accum": 2}
+    write_driver_inputs(tiny, root, "", settings)
+    (root / "driver.py").write_text(DISTRIBUTED_DRIVER)
+    # NOTE: `accelerate launch --cpu --num_processes 2` starts a single process in accelerate 1.16
+    # unless mpirun is installed, so the test launches the two processes with torchrun.
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(root / "driver.py"), str(root), str(tmp_path / "two"),
+    ]
+    env = {**driver_env(), "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    launched = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert launched.returncode == 0, launched.stderr[-4000:]
+
+    # One process with batch 4 sees the same pairs as two processes with batch 2 each.
+    from transformers import AutoModelForCausalLM
+
+    objective = kdsl.load("objective = KL(o ‖ q) + 0.5 · CE", {**BASE_SETTINGS, **settings})
+    train(
+        objective, compile_objective(objective), out_dir=tmp_path / "one",
+        student=AutoModelForCausalLM.from_pretrained(root / "student"),
+        teacher=AutoModelForCausalLM.from_pretrained(root / "teacher"),
+        tokenizer=tiny["tokenizer"], pairs=tiny["pairs"], heldout=tiny["heldout"], progress_bar=False,
+    )
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two" / "data")
+    assert [s for s, _ in two] == [1, 2, 3, 4]
+    for (_, expected), (_, got) in zip(one, two):
+        assert got == pytest.approx(expected, rel=1e-4)
+    assert (tmp_path / "two" / "data" / "checkpoints" / "step-00000002" / "samplers_1.json").is_file()
+
+    mixture = tmp_path / "two" / "mixture"
+    ranks = [json.loads((mixture / f"sources_{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1], "the ranks drew different mixture components"
+    assert {"d_q", "d_data"} <= set(",".join(ranks[0]).split(","))
+    assert (mixture / "student" / "model.safetensors").is_file()
