@@ -200,6 +200,9 @@ class Trainer:
         )
         self.samplers = build_samplers(objective.groups, context)
         self.adaptive = any(contains_adaptive(s) for s in self.samplers)
+        if self.adaptive and not config.eval_every:
+            logger.warning("%s: train.eval_every is 0, so the adaptive SGO probability never changes; "
+                           "set train.eval_every to let validation loss raise it", name)
 
         self.step = 0
         self.tokens = 0

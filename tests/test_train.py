@@ -369,3 +369,21 @@ def test_two_processes_match_one_big_batch(tiny, tmp_path):
     assert ranks[0] == ranks[1], "the ranks drew different mixture components"
     assert {"d_q", "d_data"} <= set(",".join(ranks[0]).split(","))
     assert (mixture / "student" / "model.safetensors").is_file()
+
+
+def test_adaptive_probability_rises_during_training(tiny, tmp_path):
+    text = "objective = E[w ~ adaptive(d_q, d_data, init_prob=0.0, step=0.5, max_prob=1.0)] KL(o ‖ q)"
+    objective = load(text, **{"train.max_steps": 6, "train.eval_every": 1, "train.lr": 2e-2,
+                              "train.baseline": False, "adaptive.replay_capacity": 4})
+    result = run_tiny(tiny, objective, tmp_path / "run")
+
+    evaluations = [r for r in result.metrics if "eval/ce" in r]
+    assert [r["step"] for r in evaluations] == [0, 1, 2, 3, 4, 5]
+    steps = [r for r in result.metrics if "loss/total" in r]
+    probabilities = [r["sched/adaptive/prob"] for r in steps]
+    assert probabilities[0] == 0.0
+    assert probabilities[-1] > 0.0, evaluations
+    assert probabilities == sorted(probabilities)
+    drawn = {r["source/0"] for r, p in zip(steps, probabilities) if p == 0.0}
+    assert drawn == {"d_data"}
+    assert {r["source/0"] for r in steps} & {"d_q", "replay"}
