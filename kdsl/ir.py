@@ -10,9 +10,9 @@ five terms over `q` share one `%logp_q`.
 Every tensor node is typed with a short dtype and a symbolic shape:
 
 - `B`, `T`: batch and sequence positions (logits are aligned with labels);
-- `Vs`, `Vt`: student and teacher vocabularies; `V` when the objective
-  compares the two models directly, so both score one shared vocabulary
-  (padded head rows are dropped by the `head.policy` setting at run time);
+- `Vs`, `Vt`: student and teacher vocabularies. `V` is the one shared
+  vocabulary of an objective that compares the two models directly. At run
+  time the `head.policy` setting drops padded head rows to reach it.
 - `Vr`: the reference model's vocabulary (sequence weights only);
 - `Hs`, `Ht`: student and teacher hidden sizes (projections only).
 
@@ -23,7 +23,7 @@ sampling group (each group is one fused pass in the lowering):
     reduction token
     vocab shared
     group 0 d_data:
-      %labels: i64[B,T] = input(role=labels)
+      %o_logits: f32[B,T,Vt] = input(role="teacher_logits")
       %logp_o: f32[B,T,V] = log_softmax(%o_logits)  # 3:20
       ...
     %loss: f32[] = sum(%loss_kl_o_q)
@@ -114,10 +114,10 @@ F32_SEQUENCES = NodeType("f32", ("B",))
 class Node:
     """One operation of the graph.
 
-    `inputs` are positional node names; `named` are (keyword, node name)
-    pairs for optional or role-bound inputs; `attrs` are (key, value) pairs
-    of constants (numbers, strings, sympy expressions). `group` is the
-    sampling group, None for the final sum.
+    `inputs` are positional node names. `named` are (keyword, node name)
+    pairs for optional or role-bound inputs. `attrs` are (key, value) pairs
+    of constants: numbers, strings and sympy expressions. `group` is the
+    sampling group, or None for the final sum.
     """
 
     name: str
@@ -735,7 +735,7 @@ def _identifier(text: str) -> str:
 
 
 def _short(expr: sympy.Basic) -> str:
-    """A compact name fragment for a coefficient: `0.1` for 1/10, the expression text otherwise."""
+    """Format a coefficient as a name fragment: `0.1` for 1/10, the expression text otherwise."""
     if not expr.free_symbols:
         value = float(expr)
         if value == int(value):
@@ -782,7 +782,7 @@ def _model_sides(dist: Dist) -> set[str]:
 
 
 def _compares_models(objective: Objective) -> bool:
-    """Whether teacher and student scores meet on one vocabulary: a divergence over both, or o(w_t)."""
+    """Return whether teacher and student meet on one vocabulary, through a divergence over both or o(w_t)."""
     for term in objective.terms:
         if term.loss.kind != "ULD":
             sides = set().union(*(_model_sides(arg) for arg in term.loss.args))

@@ -54,7 +54,7 @@ TERM_OPS = ("token_mean", "sequence_mean")
 
 _ROLE_SYMBOLS = {str(symbol): symbol for symbol in ALL_ROLES}
 
-# Which call arguments provide each input role, as the error for a missing input words it.
+# The call arguments that provide each input role, as the error for a missing input names them.
 _ROLE_ARGUMENTS = {
     "labels": "labels (token ids aligned with the logits, -100 where a position is not scored)",
     "student_logits": "student_logits or student_hidden+student_head",
@@ -212,9 +212,9 @@ class CompiledObjective(nn.Module):
 
     Logits are aligned with labels (`logits[b, p]` scores `labels[b, p]`);
     -100 marks positions that are not scored. Instead of logits, pass
-    `student_hidden` [B, T, H] and `student_head` [V, H] (and optionally
-    `student_head_bias` [V]); the logits are then formed chunk by chunk and
-    never materialised. The same holds for the teacher. Teacher and
+    `student_hidden` [B, T, H] and `student_head` [V, H], and optionally
+    `student_head_bias` [V]. The logits are then formed chunk by chunk and
+    never materialised. The teacher takes the same three arguments. Teacher and
     reference inputs are used without gradient. bf16 and fp16 inputs are
     computed in float32.
 
@@ -411,8 +411,8 @@ def _check_projections_available(graph: Graph) -> None:
     for node in graph:
         if node.op == "projection":
             arrow = "o→q" if node.attr("source") == "o" else "q→o"
-            # NOTE: the Dual-Space KD projector needs token ids, embeddings and both heads, which the
-            # call interface does not take yet; objectives with o→q or q→o are rejected until it does.
+            # NOTE: the Dual-Space KD projector needs token ids, embeddings and both heads. The call
+            # interface does not take them yet, so objectives with o→q or q→o are rejected.
             raise KdslError(
                 f"the {arrow} projection (Dual-Space KD) is not available in the compiled loss yet; "
                 "write the objective over o and q of one tokenizer, or use ULD for different tokenizers"

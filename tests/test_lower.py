@@ -427,7 +427,7 @@ def test_torch_compile_matches_eager():
     eager = step(hidden)
     (eager_grad,) = torch.autograd.grad(eager, weight)
     torch._dynamo.reset()
-    loss = torch.compile(step, backend="aot_eager")(hidden)
+    loss = torch.compile(step, backend="eager")(hidden)
     (grad,) = torch.autograd.grad(loss, weight)
     assert_close(loss, eager, "compiled loss")
     assert_close(grad, eager_grad, "compiled gradient")
@@ -436,7 +436,7 @@ def test_torch_compile_matches_eager():
 # --- Property: fused equals dense ------------------------------------------------------------------
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     batch=st.integers(1, 3),
     length=st.integers(1, 5),

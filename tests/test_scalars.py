@@ -131,7 +131,7 @@ def _extend(children):
     return unary | binary
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(expr=st.recursive(LEAVES, _extend, max_leaves=6), a=st.floats(-2, 2), b=st.floats(-2, 2))
 def test_random_expressions_match_sympy(expr, a, b):
     point = {x: a, y: b}
