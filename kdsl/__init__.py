@@ -29,7 +29,9 @@ def _read(text_or_path: str | Path) -> tuple[str, str]:
         path = Path(text_or_path)
         if not path.is_file():
             raise ConfigError(f"spec file not found: {str(text_or_path)!r}; pass the path of an existing .kd file or the spec text")
-        return path.read_text(encoding="utf-8"), str(text_or_path)
+        from kdsl.parse import decode
+
+        return decode(path.read_bytes(), str(text_or_path)), str(text_or_path)
     text = text_or_path
     if "objective" not in text and "=" not in text:
         # A bare objective expression such as "KL(o ‖ q)".

@@ -440,11 +440,17 @@ class Checker:
             return None
         return algebra.constant(value)
 
-    def suggest(self, text: str, name: str, scope: dict) -> str | None:
-        """Return a hint with the known name nearest to an unknown one, spelled the way the user spells names."""
+    def suggest(self, text: str, name: str, scope: dict, function: bool = False) -> str | None:
+        """Return a hint with the known name nearest to an unknown one, spelled the way the user spells names.
+
+        For a called name (`function=True`) only names that can be called are suggested.
+        """
         lookalike = _confusable_hint(text)
-        known = set(RESERVED) | set(ROLE_NAMES) | set(self.functions) | set(scope) | set(SETTINGS)
-        known -= {"objective"}
+        if function:
+            known = DIVERGENCES | MODELS | {"adaptive", "ref", SUM} | set(algebra.MATH_FUNCTIONS) | set(self.functions)
+        else:
+            known = set(RESERVED) | set(ROLE_NAMES) | set(self.functions) | set(scope) | set(SETTINGS)
+            known -= {"objective"}
         spellings: dict[str, str] = {}
         for candidate in sorted(known):
             spellings[candidate] = candidate
@@ -729,7 +735,7 @@ class Checker:
         if name in SOURCES or name in ROLE_NAMES or name in SETTINGS:
             self.error("KD120", f"{func.text} is not a function", func.span, f"write {func.text} without arguments")
             return None
-        hint = self.suggest(func.text, name, scope) or f"define it first, as in '{func.text}(t) = 1 - t/100'"
+        hint = self.suggest(func.text, name, scope, function=True) or f"define it first, as in '{func.text}(t) = 1 - t/100'"
         self.error("KD101", f"unknown function {func.text!r}", func.span, hint)
         return None
 

@@ -532,7 +532,8 @@ def render(objective: obj.Objective, standalone: bool = False) -> str:
     for head, body in definitions:
         lines.append(printer.doprint(head) + " &= " + printer.doprint(body))
     body = "\\begin{align*}\n  " + " \\\\\n  ".join(lines) + "\n\\end{align*}\n" + _where_sentence(objective, tree) + "\n"
-    header = f"% kdsl objective from {_ascii(objective.path)}, reduction: {objective.reduction}\n"
+    path = "".join(ch if ch.isprintable() else "?" for ch in _ascii(objective.path)).replace("\\", "/")
+    header = f"% kdsl objective from {path}, reduction: {objective.reduction}\n"
     if not standalone:
         return header + body
     return (header + "\\documentclass{article}\n\\usepackage{amsmath}\n\\usepackage{amssymb}\n"

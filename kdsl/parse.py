@@ -85,6 +85,7 @@ def _parser() -> lark.Lark:
 
 def parse(text: str, path: str = "<string>") -> ast.Spec:
     """Parse spec text; raise `SpecError` with a positioned diagnostic on a syntax error."""
+    text = text.removeprefix("\ufeff")  # a byte-order mark written by some editors is not part of the spec
     _check_size(text, path)
     try:
         tree = _parser().parse(text)
