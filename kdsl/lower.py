@@ -293,8 +293,9 @@ class CompiledObjective(nn.Module):
             models=models,
             rows=rows,
             schedule={"epoch": float(epoch), "step": float(step), "progress": float(progress)},
-            vocab=self._shared_vocab(models, rows),
+            vocab=self._shared_vocab(models),
         )
+        self._check_labels(models, rows, call.vocab)
         count = rows.sequences_with_tokens() if self.objective.reduction == "sequence" else rows.count
         denominator = self._denominator(count, num_items)
         return call.run(denominator, num_items if num_items is not None else count)
@@ -325,40 +326,33 @@ class CompiledObjective(nn.Module):
             raise KdslError("labels are required: token ids aligned with the logits, -100 where a position is not scored")
         return labels.long()
 
-    def _shared_vocab(self, models: dict[str, _ModelInput], rows: _Rows) -> int | None:
+    def _shared_vocab(self, models: dict[str, _ModelInput]) -> int | None:
         """Return the number of head rows scored where teacher and student share a vocabulary, or None."""
         if not self.graph.shared_vocab:
             return None
         sizes = {side: models[side].vocab for side in ("student", "teacher") if models[side].present}
         if not sizes:
             return None
-        if self.vocab_size is not None:
-            vocab = self.vocab_size
-            for side, size in sizes.items():
-                if size < vocab:
-                    raise KdslError(
-                        f"the {side} scores {size} vocabulary entries but vocab_size is {vocab}; "
-                        f"the {side} does not use this tokenizer, so project between vocabularies (o→q, q→o) instead"
-                    )
-        elif len(set(sizes.values())) == 1:
-            vocab = next(iter(sizes.values()))
-        else:
-            vocab = self._truncate(sizes["student"], sizes["teacher"])
-        if rows.count and int(rows.labels.max()) >= vocab:
-            bad = int(rows.labels.max())
-            raise KdslError(
-                f"label {bad} is outside the shared vocabulary of {vocab} entries; labels must be token ids of the "
-                "tokenizer both models share"
-            )
-        return vocab
-
-    def _truncate(self, student: int, teacher: int) -> int:
-        if self.head_policy != "truncate":
+        if len(set(sizes.values())) > 1 and self.head_policy != "truncate":
+            student, teacher = sizes["student"], sizes["teacher"]
             raise KdslError(
                 f"the student scores {student} vocabulary entries and the teacher {teacher}; set "
                 f'head.policy = "truncate" to score only the first {min(student, teacher)} rows (padded heads of one '
                 "tokenizer), or use a projection (o→q, q→o) or ULD for different tokenizers"
             )
+        if self.vocab_size is not None:
+            for side, size in sizes.items():
+                if size < self.vocab_size:
+                    raise KdslError(
+                        f"the {side} scores {size} vocabulary entries but vocab_size is {self.vocab_size}; the {side} "
+                        "does not use this tokenizer, so project between vocabularies (o→q, q→o) instead"
+                    )
+            return self.vocab_size
+        if len(set(sizes.values())) == 1:
+            return next(iter(sizes.values()))
+        return self._truncate(sizes["student"], sizes["teacher"])
+
+    def _truncate(self, student: int, teacher: int) -> int:
         if self._warned_vocab != (student, teacher):
             # NOTE: without vocab_size the smaller head is taken as the tokenizer's length.
             logger.warning(
@@ -367,6 +361,25 @@ class CompiledObjective(nn.Module):
             )
             self._warned_vocab = (student, teacher)
         return min(student, teacher)
+
+    @staticmethod
+    def _check_labels(models: dict[str, _ModelInput], rows: _Rows, vocab: int | None) -> None:
+        """Check that every scored label is a token id of each vocabulary it indexes."""
+        if not rows.count:
+            return
+        lowest, highest = int(rows.labels.min()), int(rows.labels.max())
+        if lowest < 0:
+            raise KdslError(f"label {lowest} is negative; use {IGNORE_INDEX} for positions that are not scored")
+        limits = []
+        if vocab is not None:
+            limits.append(("the shared vocabulary", vocab))
+        elif models["student"].present:
+            limits.append(("the student vocabulary", models["student"].vocab))
+        if models["ref"].present:
+            limits.append(("the reference model's vocabulary", models["ref"].vocab))
+        for name, size in limits:
+            if highest >= size:
+                raise KdslError(f"label {highest} is outside {name} of {size} entries; labels must be token ids of that tokenizer")
 
     def _denominator(self, count: int, num_items: int | float | Tensor | None) -> float | Tensor:
         """Return what the summed loss is divided by: `num_items` when given, else this call's count (at least 1)."""

@@ -2,7 +2,7 @@
 
 Each entry of `CASES` is an objective built by hand (as the checker would
 build it) with a float64 reference written directly in torch. The golden
-file `tests/golden/graphs/<name>.graph` holds its printed graph; set
+file `tests/golden/graphs/<name>.graph` contains its printed graph. Set
 KDSL_UPDATE_GOLDEN=1 to rewrite the files after a deliberate change.
 `tests/test_lower.py` checks the numeric twin of every case: the compiled
 value and student gradient against `reference`.
@@ -101,8 +101,8 @@ class Ref:
     def __init__(self, student, teacher, labels, ref=None, vocab=None):
         self.labels = labels
         self.valid = labels != -100
-        self.s = student.double()[..., :vocab] if vocab else student.double()
-        self.t = teacher.double()[..., :vocab] if teacher is not None and vocab else (teacher.double() if teacher is not None else None)
+        self.s = student.double()[..., :vocab]  # a None vocab keeps every column
+        self.t = teacher.double()[..., :vocab] if teacher is not None else None
         self.r = ref.double() if ref is not None else None
         self.position = self.valid.long().cumsum(1).double()
         # T of a row with no valid position is never used; 1 keeps t/T finite there.

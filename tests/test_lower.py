@@ -254,6 +254,24 @@ def test_label_outside_shared_vocab():
         compiled(student_logits=student, teacher_logits=teacher, labels=labels)
 
 
+def test_label_outside_student_vocab():
+    case = CASES[CASE_NAMES.index("ce")]
+    student, _, _, labels = make_batch()
+    labels[1, 0] = 13
+    compiled = lower(ir.build(case.objective), case.objective)
+    with pytest.raises(KdslError, match="label 13 is outside the student vocabulary of 13 entries"):
+        compiled(student_logits=student, labels=labels)
+
+
+def test_negative_label_other_than_ignore_index():
+    case = CASES[CASE_NAMES.index("ce")]
+    student, _, _, labels = make_batch()
+    labels[1, 0] = -1
+    compiled = lower(ir.build(case.objective), case.objective)
+    with pytest.raises(KdslError, match="label -1 is negative; use -100"):
+        compiled(student_logits=student, labels=labels)
+
+
 # --- Missing and malformed inputs ----------------------------------------------------------------
 
 
