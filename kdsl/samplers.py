@@ -133,11 +133,14 @@ class PairEncoder:
     A response that fits gets the EOS appended, so the model learns to stop.
     An empty prompt becomes the BOS token (or the EOS where there is no BOS),
     because the first response token needs a position before it to be scored.
+    With `chat_template`, a prompt becomes one user turn of the tokenizer's
+    chat template followed by the generation prompt (the assistant header).
     """
 
     tokenizer: Any
     max_prompt_tokens: int
     max_response_tokens: int
+    chat_template: bool = False
 
     @property
     def eos_id(self) -> int:
@@ -148,12 +151,23 @@ class PairEncoder:
         return pad_token_id(self.tokenizer)
 
     def encode_prompt(self, prompt: str) -> tuple[int, ...]:
+        if self.chat_template:
+            prompt = self.format_chat(prompt)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = ids[-self.max_prompt_tokens :]
         if not ids:
             start = self.tokenizer.bos_token_id
             ids = [start if start is not None else self.eos_id]
         return tuple(ids)
+
+    def format_chat(self, prompt: str) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"data.chat_template is true but tokenizer {getattr(self.tokenizer, 'name_or_path', '')!r} "
+                "has no chat template: set data.chat_template = false or use a chat model's tokenizer"
+            )
+        messages = [{"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def encode_response(self, response: str) -> tuple[int, ...]:
         ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]

@@ -48,6 +48,11 @@ _DECLARED: list[Setting] = [
     Setting("data.train_fraction", float, 1.0, "fraction of the training pairs used (a small transfer set)", 0.0, 1.0),
     Setting("data.max_prompt_tokens", int, 64, "prompts are cut to their last N tokens", 1, None),
     Setting("data.max_response_tokens", int, 64, "responses are cut to their first N tokens", 1, None),
+    Setting("data.chat_template", bool, False, "format each prompt as one user turn with the tokenizer's chat template"),
+    Setting("lora.r", int, 0, "LoRA rank of the student's adapters through peft (0: train all weights)", 0, None),
+    Setting("lora.alpha", float, 16.0, "LoRA scaling numerator (the update is scaled by alpha / r)", 0.0, None),
+    Setting("lora.dropout", float, 0.0, "dropout on the LoRA input", 0.0, 1.0),
+    Setting("lora.target_modules", str, "", "comma-separated module names to adapt (empty: peft's default for the architecture)"),
     Setting("trust_remote_code", bool, False, "allow model code from the hub (off unless the spec opts in)"),
     # Training.
     Setting("train.seed", int, 0, "seed for initialisation, data order and sampling", 0, None),

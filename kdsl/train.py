@@ -191,7 +191,8 @@ class Trainer:
 
         self.steps_per_epoch, self.total_steps = count_steps(len(pairs), config, self.world_size)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
-        self.encoder = PairEncoder(tokenizer, config.max_prompt_tokens, config.max_response_tokens)
+        self.encoder = PairEncoder(tokenizer, config.max_prompt_tokens, config.max_response_tokens,
+                                   bool(objective.settings.get("data.chat_template", False)))
         context = SamplerContext(
             pairs=pairs, encoder=self.encoder, settings=objective.settings, seed=config.seed,
             student=lambda: accelerator.unwrap_model(self.student),
@@ -251,9 +252,8 @@ class Trainer:
         bar.close()
         self.metrics.flush()
         self.metrics.close()
-        self.save_student()
-        return FitResult(self.name, self.accelerator.unwrap_model(self.student), self.metrics.records,
-                         self.step, self.tokens, self.run_dir)
+        student = self.save_student()
+        return FitResult(self.name, student, self.metrics.records, self.step, self.tokens, self.run_dir)
 
     def point(self, step: int) -> DrawPoint:
         return DrawPoint(
@@ -378,20 +378,62 @@ class Trainer:
     def save_checkpoint(self) -> None:
         checkpoint.save_checkpoint(self)
 
-    def save_student(self) -> None:
-        """Write the student as safetensors into `run_dir/student`, atomically."""
+    def save_student(self) -> Any:
+        """Write the student as safetensors into `run_dir/student`, atomically; return the saved model."""
         self.accelerator.wait_for_everyone()
-        state = self.accelerator.get_state_dict(self.student)
+        model = self.accelerator.unwrap_model(self.student)
+        if is_peft_model(model):
+            # The LoRA adapter goes to adapter/; student/ holds the merged model that any loader reads.
+            if self.accelerator.is_main_process:
+                save_directory(model, self.run_dir / "adapter")
+            model = model.merge_and_unload()
+            state = model.state_dict()
+        else:
+            state = self.accelerator.get_state_dict(self.student)
         if self.accelerator.is_main_process:
-            target = self.run_dir / "student"
-            temporary = self.run_dir / "student.tmp"
-            if temporary.exists():
-                shutil.rmtree(temporary)
-            model = self.accelerator.unwrap_model(self.student)
-            model.save_pretrained(temporary, state_dict=state, safe_serialization=True)
-            self.tokenizer.save_pretrained(temporary)
-            checkpoint.replace_directory(temporary, target)
+            save_directory(model, self.run_dir / "student", state_dict=state, tokenizer=self.tokenizer)
         self.accelerator.wait_for_everyone()
+        return model
+
+
+def save_directory(model: Any, target: Path, *, state_dict: dict | None = None, tokenizer: Any = None) -> None:
+    """Write `model.save_pretrained` (safetensors) to `target` through a temporary directory."""
+    temporary = target.with_name(target.name + ".tmp")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    model.save_pretrained(temporary, state_dict=state_dict, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(temporary)
+    checkpoint.replace_directory(temporary, target)
+
+
+def is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def add_lora(student: Any, settings: dict, seed: int) -> Any:
+    """Wrap the student with LoRA adapters (peft) when lora.r > 0; the adapters start from `seed`."""
+    rank = int(settings.get("lora.r", 0))
+    if rank == 0:
+        return student
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ConfigError("lora.r is set but peft is not installed: pip install peft, or set lora.r = 0") from None
+    targets = [t.strip() for t in str(settings.get("lora.target_modules", "")).split(",") if t.strip()]
+    config = LoraConfig(
+        r=rank, lora_alpha=float(settings.get("lora.alpha", 16.0)), lora_dropout=float(settings.get("lora.dropout", 0.0)),
+        target_modules=targets or None, task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    try:
+        return get_peft_model(student, config)
+    except ValueError as error:
+        raise ConfigError(f"cannot add LoRA adapters to the student: {error}; set lora.target_modules") from None
 
 
 def _at(point: DrawPoint, *, micro: int, group: int) -> DrawPoint:
@@ -699,18 +741,31 @@ def load_parts(settings: dict, config: TrainConfig, given: Parts) -> Parts:
                                           seed=config.seed, **fields)
         if parts.heldout is None:
             parts.heldout = load_heldout(data, settings["data"], config.seed, fields)
+        if parts.heldout is None:
+            parts.pairs, parts.heldout = split_heldout(parts.pairs, config.eval_pairs, config.seed)
+            logger.info("%s has no validation or test split: holding out %d of its training pairs",
+                        settings["data"], len(parts.heldout))
     return parts
 
 
+def split_heldout(pairs: Any, max_pairs: int, seed: int) -> tuple[Any, Any]:
+    """Hold out a seeded tenth of the pairs (at most `max_pairs`, at least one) for evaluation."""
+    if len(pairs) < 2:
+        raise ConfigError(f"the data has {len(pairs)} pair(s): at least 2 are needed to hold one out for evaluation")
+    count = min(max_pairs, max(1, len(pairs) // 10))
+    split = pairs.train_test_split(test_size=count, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
 def load_heldout(data: Any, name: str, seed: int, fields: dict) -> Any:
-    """Load the validation split, or the test split where there is no validation split."""
-    try:
-        return data.load_pairs(name, "validation", fraction=1.0, seed=seed, **fields)
-    except ConfigError as validation_error:
+    """Load the validation split, else the test split; return None when the data has neither."""
+    for split in ("validation", "test"):
         try:
-            return data.load_pairs(name, "test", fraction=1.0, seed=seed, **fields)
-        except ConfigError:
-            raise validation_error from None
+            return data.load_pairs(name, split, fraction=1.0, seed=seed, **fields)
+        except ConfigError as error:
+            if "no split" not in str(error):
+                raise
+    return None
 
 
 def check_lengths(model: Any, config: TrainConfig, settings: dict, role: str) -> None:
@@ -765,7 +820,9 @@ def train(objective: Objective, compiled: torch.nn.Module, *, out_dir: str | Pat
 
     config = TrainConfig.from_settings(objective.settings)
     out_dir = Path(out_dir)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=multi_process_cpu())
+    # With train.mixed_precision at its default "no", the launcher's setting (accelerate config) applies.
+    precision = None if config.mixed_precision == "no" else config.mixed_precision
+    accelerator = Accelerator(mixed_precision=precision, cpu=multi_process_cpu())
     if not resume and (out_dir / "metrics.jsonl").exists():
         raise ConfigError(
             f"{out_dir} already contains a run: resume it (kdsl run SPEC --resume {out_dir}) "
@@ -823,6 +880,7 @@ def fit_stage(name: str, objective: Objective, compiled: torch.nn.Module, studen
             return finished
 
     set_seed(config.seed)
+    student = add_lora(student, objective.settings, config.seed)
     trainer = Trainer(
         name=name, objective=objective, compiled=compiled, student=student, teacher=parts.teacher,
         tokenizer=parts.tokenizer, pairs=parts.pairs, heldout=parts.heldout, config=config,

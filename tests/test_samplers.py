@@ -413,3 +413,20 @@ def test_adaptive_state_round_trip(tokenizer):
     restored.load_state_dict(state)
     assert restored.state_dict() == state
     assert list(restored.buffer.items) == list(sampler.buffer.items)
+
+
+def test_encoder_applies_chat_template(tokenizer):
+    chat = make_tokenizer()
+    chat.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    encoder = PairEncoder(chat, max_prompt_tokens=64, max_response_tokens=8, chat_template=True)
+    expected = chat("[user] All the world\n[assistant] ", add_special_tokens=False)["input_ids"]
+    assert encoder.encode_prompt("All the world") == tuple(expected)
+
+
+def test_encoder_rejects_missing_chat_template(tokenizer):
+    encoder = PairEncoder(tokenizer, max_prompt_tokens=8, max_response_tokens=8, chat_template=True)
+    with pytest.raises(ConfigError, match="has no chat template: set data.chat_template = false"):
+        encoder.encode_prompt("hello")

@@ -387,3 +387,26 @@ def test_adaptive_probability_rises_during_training(tiny, tmp_path):
     drawn = {r["source/0"] for r, p in zip(steps, probabilities) if p == 0.0}
     assert drawn == {"d_data"}
     assert {r["source/0"] for r in steps} & {"d_q", "replay"}
+
+
+def test_lora_student_on_local_jsonl(tiny, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    with data.open("w") as handle:
+        for row in tiny["pairs"]:
+            handle.write(json.dumps({"question": row["prompt"], "answer": row["response"]}) + "\n")
+    settings = {"train.max_steps": 3, "train.baseline": False, "data": str(data), "data.prompt_field": "question",
+                "data.response_field": "answer", "lora.r": 4, "lora.target_modules": "c_attn"}
+    objective = load("objective = KL(o ‖ q)", **settings)
+    student = make_model(len(tiny["tokenizer"]), seed=1)
+    frozen_before = student.transformer.wpe.weight.detach().clone()
+    result = train(objective, compile_objective(objective), out_dir=tmp_path / "run", student=student,
+                   teacher=tiny["teacher"], tokenizer=tiny["tokenizer"], progress_bar=False)
+
+    out = tmp_path / "run"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "student" / "model.safetensors").is_file()
+    assert result.report["heldout_pairs"] == 3  # a tenth of the 32 pairs is held out
+    # Only adapters train: a weight outside c_attn is unchanged in the merged student.
+    assert torch.equal(result.student.transformer.wpe.weight, frozen_before)
+    assert not torch.equal(result.student.transformer.h[0].attn.c_attn.weight,
+                           make_model(len(tiny["tokenizer"]), seed=1).transformer.h[0].attn.c_attn.weight)
