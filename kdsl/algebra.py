@@ -399,17 +399,23 @@ def negative_region(condition, symbol: sympy.Symbol, ranges: dict) -> str | None
     Only rational functions are solved, because sympy's inequality solver can
     take very long on transcendental ones.
     """
+    low, high = ranges.get(symbol, (-math.inf, math.inf))
+    label = ROLE_LABELS.get(symbol, str(symbol))
+    if symbol in LOG_PROBABILITY_ROLES:
+        # Solve for the probability p = exp(log p), which is how users write o(w_t) and q(w).
+        probability = sympy.Symbol("p", positive=True)
+        condition = condition.xreplace({sympy.exp(symbol): probability}).subs(symbol, sympy.log(probability))
+        symbol, label = probability, PROBABILITY_LABELS[symbol]
+        low, high = math.exp(low), math.exp(high)
     expr = condition.lhs - condition.rhs
     if not expr.is_rational_function(symbol) or sympy.count_ops(expr) > 40:
         return None
-    low, high = ranges.get(symbol, (-math.inf, math.inf))
-    domain_set = sympy.Interval(low, high)
     try:
         solution = sympy.solvers.inequalities.solve_univariate_inequality(
-            condition, symbol, relational=False, domain=domain_set)
+            condition, symbol, relational=False, domain=sympy.Interval(low, high))
     except (NotImplementedError, ValueError, TypeError):
         return None
-    return _describe_set(solution, ROLE_LABELS.get(symbol, str(symbol)), low, high)
+    return _describe_set(solution, label, low, high)
 
 
 def _describe_set(solution, label: str, low: float, high: float) -> str | None:

@@ -301,6 +301,8 @@ class Checker:
                     if not (used_symbols & (obj.SEQUENCE_ROLES | {obj.LOG_O_TOKEN, obj.LOG_Q_TOKEN})):
                         self.warn("KD112", f"parameter 'w' of {definition.name.text} is not used", param.span,
                                   f"remove it, or use it as o(w_t), q(w), ref(w)")
+                elif param.id == "t" and used_symbols & {obj.LOG_O_TOKEN, obj.LOG_Q_TOKEN}:
+                    continue  # o(w_t) and q(w_t) depend on the position t
                 elif symbol is not None and symbol not in used_symbols:
                     self.warn("KD112", f"parameter {param.text!r} of {definition.name.text} is not used", param.span,
                               "remove it")
@@ -1218,7 +1220,7 @@ class Checker:
                 continue  # -c·H(q) is a standard entropy bonus
             proved, point = algebra.find_negative(expr, ranges)
             if point is not None:
-                self.error("KD143", _negative_message(label, loss, expr, point), span, _negative_hint(label, ranges))
+                self.error("KD143", _negative_message(label, loss, expr, point), span, _negative_hint(label, expr, ranges))
                 return False
             if not proved and expr.free_symbols:
                 self.warn("KD144", f"could not prove the {label} {_show(expr)} of {loss} non-negative; "
@@ -1311,11 +1313,13 @@ def _negative_message(label: str, loss: str, expr: sympy.Expr, point: dict) -> s
             f"it is {point['value']:.4g} at {algebra.format_point(point)}")
 
 
-def _negative_hint(label: str, ranges: dict) -> str:
-    if label == "per-token weight":
+def _negative_hint(label: str, expr: sympy.Expr, ranges: dict) -> str:
+    if label == "per-token weight" and obj.POSITION in expr.free_symbols:
         length = ranges[obj.POSITION][1]
         return (f"weights must be non-negative over their whole domain; positions t run from 1 to {length}, "
                 "the larger of data.max_response_tokens and sgo.max_new_tokens; clip with max(..., 0)")
+    if label == "per-token weight":
+        return "weights must be non-negative for every token probability in (0, 1]; clip with max(..., 0)"
     if label == "sequence weight":
         return "a sequence weight multiplies each response's loss and must be non-negative"
     return ("a negative weight makes training maximise the loss without bound; only an entropy bonus "

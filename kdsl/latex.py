@@ -55,8 +55,11 @@ def latex_name(name: str) -> str:
     """Render a canonical kdsl name as ASCII LaTeX: `λ` → `\\lambda`, `α_kd` → `\\alpha_{\\mathrm{kd}}`, `epoch` → `\\mathrm{epoch}`."""
     if name in FIXED_NAMES:
         return FIXED_NAMES[name]
+    if "" in name.split("_"):
+        # Leading, trailing or doubled underscores (`__class__`) are shown as written.
+        return r"\mathrm{" + _ascii(name).replace("_", r"\_") + "}"
     base, _, subscript = name.partition("_")
-    rendered = _word(base) if base else r"\_"
+    rendered = _word(base)
     if subscript:
         rendered += "_{" + _subscript(subscript) + "}"
     return rendered
