@@ -410,3 +410,28 @@ def test_lora_student_on_local_jsonl(tiny, tmp_path):
     assert torch.equal(result.student.transformer.wpe.weight, frozen_before)
     assert not torch.equal(result.student.transformer.h[0].attn.c_attn.weight,
                            make_model(len(tiny["tokenizer"]), seed=1).transformer.h[0].attn.c_attn.weight)
+
+
+def test_cli_run_with_local_models(tiny, tmp_path):
+    from kdsl.cli import main
+
+    make_model(len(tiny["tokenizer"]), seed=1).save_pretrained(tmp_path / "student")
+    tiny["tokenizer"].save_pretrained(tmp_path / "student")
+    tiny["teacher"].save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n"
+                            for r in tiny["pairs"]))
+    spec = tmp_path / "run.kd"
+    spec.write_text(
+        f'teacher = "{tmp_path / "teacher"}"\nstudent = "{tmp_path / "student"}"\ndata = "{data}"\n'
+        "train.max_steps = 2\ntrain.batch_size = 4\ntrain.baseline = false\ntrain.teacher_dtype = \"float32\"\n"
+        "data.max_prompt_tokens = 12\ndata.max_response_tokens = 12\neval.max_pairs = 4\n"
+        "objective = KL(o ‖ q) + CE\n"
+    )
+    assert main(["run", str(spec), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert (tmp_path / "run" / "spec.kd").read_text() == spec.read_text()
+    assert len(step_losses(tmp_path / "run")) == 2
+
+    # Resuming a finished run trains nothing again and keeps the metrics.
+    assert main(["run", str(spec), "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+    assert len(step_losses(tmp_path / "run")) == 2
