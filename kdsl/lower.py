@@ -161,22 +161,21 @@ def _check_float(name: str, tensor: Any) -> None:
 
 
 class _Rows:
-    """The valid positions of a batch, flattened: index, sequence id, t and T of each row."""
+    """The valid positions of a batch, one row each: sequence, column, label, t and T."""
 
     def __init__(self, labels: Tensor):
         batch, length = labels.shape
         mask = labels != IGNORE_INDEX  # [B, T]
         self.batch = batch
-        self.index = mask.reshape(-1).nonzero().squeeze(1)  # [N]
-        self.sequence = torch.div(self.index, length, rounding_mode="floor")  # [N]
-        self.labels = labels.reshape(-1).index_select(0, self.index)  # [N]
-        self.position = mask.cumsum(dim=1).reshape(-1).index_select(0, self.index)  # [N], 1-based t
+        self.sequence, self.column = mask.nonzero(as_tuple=True)  # [N] each: row and column of each valid position
+        self.labels = labels[self.sequence, self.column]  # [N]
+        self.position = mask.cumsum(dim=1)[self.sequence, self.column]  # [N], 1-based t
         self.lengths = mask.sum(dim=1)  # [B], T per sequence
         self.length = self.lengths.index_select(0, self.sequence)  # [N]
 
     @property
     def count(self) -> int:
-        return self.index.numel()
+        return self.sequence.numel()
 
     def sequences_with_tokens(self) -> int:
         return int((self.lengths > 0).sum())
@@ -187,8 +186,8 @@ class _Chunk:
     """One chunk of valid rows and the values computed on it, by node name."""
 
     rows: slice
-    index: Tensor  # [c] flat positions in the batch
-    sequence: Tensor  # [c]
+    sequence: Tensor  # [c] batch row of each position
+    column: Tensor  # [c] position along the sequence
     labels: Tensor  # [c]
     position: Tensor  # [c]
     length: Tensor  # [c]
@@ -535,7 +534,7 @@ class _Call:
 
         self.sequence_pass()
         chunk_size = self.rows_per_chunk() if fused else max(self.rows.count, 1)
-        totals = {term.name: torch.zeros((), dtype=torch.float32, device=self.rows.index.device) for term in self.plan.terms}
+        totals = {term.name: torch.zeros((), dtype=torch.float32, device=self.rows.labels.device) for term in self.plan.terms}
         accumulator = _GradientAccumulator(student, self.rows) if fused and wants_grad else None
         dense_loss = None
 
@@ -577,14 +576,14 @@ class _Call:
         rows = self.rows
         for start in range(0, rows.count, size):
             part = slice(start, min(start + size, rows.count))
-            yield _Chunk(part, rows.index[part], rows.sequence[part], rows.labels[part], rows.position[part], rows.length[part])
+            yield _Chunk(part, rows.sequence[part], rows.column[part], rows.labels[part], rows.position[part], rows.length[part])
 
     def sequence_pass(self) -> None:
         """Evaluate per-sequence nodes: log-probabilities of whole responses (one cheap pass) and their weights."""
         values = self.sequence_values
         sums = [node for node in self.plan.sequence_nodes if node.op == "sequence_logp"]
         for node in sums:
-            values[node.name] = torch.zeros(self.rows.batch, dtype=torch.float32, device=self.rows.index.device)
+            values[node.name] = torch.zeros(self.rows.batch, dtype=torch.float32, device=self.rows.labels.device)
         if sums:
             with torch.no_grad():
                 for chunk in self.chunks(self.rows_per_chunk()):
@@ -661,13 +660,13 @@ class _GradientAccumulator:
         if grad_rows is None:
             return
         if "logits" in self.grads:
-            flat = self.grads["logits"].view(-1, self.grads["logits"].shape[-1])
-            flat.index_copy_(0, chunk.index, grad_rows.to(flat.dtype))
+            logits = self.grads["logits"]
+            logits[chunk.sequence, chunk.column] = grad_rows.to(logits.dtype)
             return
         hidden_rows = chunk.student_hidden_rows  # [c, H] float32
         weight = chunk.student_head  # [V, H] float32
-        flat_hidden = self.grads["hidden"].view(-1, self.grads["hidden"].shape[-1])
-        flat_hidden.index_copy_(0, chunk.index, (grad_rows @ weight).to(flat_hidden.dtype))
+        hidden = self.grads["hidden"]
+        hidden[chunk.sequence, chunk.column] = (grad_rows @ weight).to(hidden.dtype)
         self.grads["head"].addmm_(grad_rows.t(), hidden_rows)
         if "bias" in self.grads:
             self.grads["bias"].add_(grad_rows.sum(dim=0))
@@ -737,11 +736,10 @@ def _student_rows(call: _Call, chunk: _Chunk) -> Tensor:
     student = call.models["student"]
     leaf = call.module.fused and torch.is_grad_enabled()
     if student.logits is not None:
-        flat = student.logits.reshape(-1, student.logits.shape[-1])
-        rows = flat.index_select(0, chunk.index)
+        rows = student.logits[chunk.sequence, chunk.column]  # [c, V], no copy of the whole (possibly strided) input
         rows = rows.detach().float().requires_grad_() if leaf else rows.float()
     else:
-        hidden = student.hidden.reshape(-1, student.hidden.shape[-1]).index_select(0, chunk.index).float()  # [c, H]
+        hidden = student.hidden[chunk.sequence, chunk.column].float()  # [c, H]
         weight, bias = call.head("student")  # [V, H], [V]
         if leaf:
             hidden, weight = hidden.detach(), weight.detach()
@@ -760,8 +758,8 @@ def _frozen_rows(call: _Call, side: str, chunk: _Chunk) -> Tensor:
     model = call.models[side]
     with torch.no_grad():
         if model.logits is not None:
-            return model.logits.reshape(-1, model.logits.shape[-1]).index_select(0, chunk.index).float()
-        hidden = model.hidden.reshape(-1, model.hidden.shape[-1]).index_select(0, chunk.index).float()  # [c, H]
+            return model.logits[chunk.sequence, chunk.column].float()
+        hidden = model.hidden[chunk.sequence, chunk.column].float()  # [c, H]
         weight, bias = call.head(side)
         return torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()
 

@@ -196,6 +196,21 @@ def test_hidden_state_inputs(name, fused):
         assert_close(got, want, f"gradient of the student {what}")
 
 
+def test_strided_logits_slice():
+    # The trainer passes model(...).logits[:, :-1], a strided view of a longer tensor.
+    case = CASES[CASE_NAMES.index("three_terms")]
+    student, teacher, ref, labels = make_batch(seed=17)
+    longer = torch.cat([student.detach(), torch.randn(B, 1, V)], dim=1).requires_grad_()
+    compiled = lower(ir.build(case.objective), case.objective, chunk_size=4)
+    result = compiled(**call_kwargs(case, longer[:, :-1], teacher, ref, labels))
+    (grad,) = torch.autograd.grad(result.loss, longer)
+
+    expected, expected_grad = reference_value_and_grad(case, student, teacher, ref, labels)
+    assert_close(result.loss, expected, "loss")
+    assert_close(grad[:, :-1], expected_grad, "student gradient")
+    assert torch.count_nonzero(grad[:, -1]) == 0
+
+
 def test_hidden_state_requires_head():
     case = CASES[CASE_NAMES.index("ce")]
     compiled = lower(ir.build(case.objective), case.objective)
