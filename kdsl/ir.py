@@ -800,7 +800,11 @@ def _generator_limits(generator: sympy.Lambda) -> tuple[tuple[str, float], ...]:
     positive = sympy.Symbol("x_f", positive=True)
     body = generator.expr.subs(variable, positive)
     limits = []
-    for key, value in (("f_zero", sympy.limit(body, positive, 0, "+")), ("f_inf_slope", sympy.limit(body / positive, positive, sympy.oo))):
+    for key, expr, point in (("f_zero", body, 0), ("f_inf_slope", body / positive, sympy.oo)):
+        try:
+            value = sympy.limit(expr, positive, point, "+" if point == 0 else "-")
+        except (NotImplementedError, ValueError, TypeError):
+            continue  # without the attr, numerics.f_divergence evaluates f(0) itself or reports the missing limit
         if value.is_finite or value in (sympy.oo, -sympy.oo):
             limits.append((key, float(value)))
     return tuple(limits)
