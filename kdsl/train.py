@@ -359,6 +359,7 @@ class Trainer:
         record["grad_norm"] = grad_norm
         record["tokens"] = self.tokens
         record["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+        record["step_seconds"] = seconds
         for k, groups in enumerate(zip(*micro_batches)):
             record[f"source/{k}"] = ",".join(dict.fromkeys(b.source for b in groups))
         return record
