@@ -236,6 +236,7 @@ def _bounds(expr, ranges) -> tuple[float, float]:
     if expr.is_Number or isinstance(expr, sympy.NumberSymbol):
         value = float(expr)
         return value, value
+
     if isinstance(expr, sympy.Add):
         parts = [_bounds(arg, ranges) for arg in expr.args]
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
@@ -244,6 +245,7 @@ def _bounds(expr, ranges) -> tuple[float, float]:
         for arg in expr.args:
             result = _multiply(result, _bounds(arg, ranges))
         return result
+
     if isinstance(expr, sympy.Pow):
         return _power(expr, ranges)
     if isinstance(expr, (sympy.Min, sympy.Max)):
@@ -253,6 +255,7 @@ def _bounds(expr, ranges) -> tuple[float, float]:
     if isinstance(expr, sympy.Piecewise):
         parts = [_bounds(piece, ranges) for piece, _ in expr.args]
         return min(p[0] for p in parts), max(p[1] for p in parts)
+
     if isinstance(expr, sympy.exp):
         low, high = _bounds(expr.args[0], ranges)
         return _exp(low), _exp(high)
@@ -264,6 +267,7 @@ def _bounds(expr, ranges) -> tuple[float, float]:
     if isinstance(expr, sympy.tanh):
         low, high = _bounds(expr.args[0], ranges)
         return math.tanh(low), math.tanh(high)
+
     if isinstance(expr, sympy.Abs):
         low, high = _bounds(expr.args[0], ranges)
         if low >= 0:
@@ -394,7 +398,7 @@ def in_unit_interval(expr: sympy.Expr, ranges: dict) -> tuple[bool, dict | None]
 
 
 def negative_region(condition, symbol: sympy.Symbol, ranges: dict) -> str | None:
-    """Describe where a rational condition in one symbol holds over its range, as `t > 100`; None if unknown.
+    """Describe where a rational condition in one symbol is true over its range, as `t > 100`; None if unknown.
 
     Only rational functions are solved, because sympy's inequality solver can
     take very long on transcendental ones.

@@ -5,12 +5,14 @@ The checker evaluates each expression of the spec to a typed value: a scalar
 source, each a linear combination of atoms with scalar coefficients. It
 collects every error it finds and raises them together, sorted by position.
 
-Diagnostic codes (docs/language.md lists each with an example):
-  KD00x limits of the input and KD01x syntax (raised by `kdsl.parse`);
-  KD10x-KD11x names, settings and definitions; KD12x types of expressions;
-  KD13x distributions, divergences and their parameters; KD14x weights,
-  mixtures and schedules; KD15x evaluation lines and warnings about the
-  objective as a whole.
+Diagnostic codes, each listed with an example in docs/language.md:
+  KD00x: limits of the input (raised by `kdsl.parse`).
+  KD01x: syntax (raised by `kdsl.parse`).
+  KD10x-KD11x: names, settings and definitions.
+  KD12x: types of expressions.
+  KD13x: distributions, divergences and their parameters.
+  KD14x: weights, mixtures and schedules.
+  KD15x: evaluation lines and warnings about the objective as a whole.
 """
 
 from __future__ import annotations
@@ -312,6 +314,7 @@ class Checker:
         function = self.functions[name]
         if function.body is not None or function.kind in ("invalid", "value"):
             return function.body
+
         definition = function.definition
         if name in self.evaluating:
             cycle = " → ".join(self.evaluating[self.evaluating.index(name):] + [name])
@@ -324,6 +327,7 @@ class Checker:
                        definition.name.span, "inline some of the definitions")
             function.kind = "invalid"
             return None
+
         self.evaluating.append(name)
         scope = {}
         for param in definition.params:
@@ -335,6 +339,7 @@ class Checker:
                 scope[param.id] = sympy.Dummy(param.id, positive=True)
         value = self.evaluate(definition.body, scope, context=name)
         self.evaluating.pop()
+
         if value is None:
             function.kind = "invalid"
             return None
@@ -347,6 +352,7 @@ class Checker:
                        definition.body.span, "define losses in the objective; definitions hold weights and schedules")
             function.kind = "invalid"
             return None
+
         # Products of exponentials are merged so that ratios such as ref(w)/q(w) are one exp of a difference of logs.
         value = sympy.powsimp(value, combine="exp")
         function.body = value
@@ -493,6 +499,7 @@ class Checker:
         right = self.evaluate(node.right, scope, context)
         if left is None or right is None:
             return None
+
         if isinstance(left, _W):
             return self.misuse_w(left)
         if isinstance(right, _W):
@@ -501,9 +508,11 @@ class Checker:
             if isinstance(value, sympy.logic.boolalg.Boolean) and not isinstance(value, sympy.Expr):
                 self.error("KD120", "a comparison is not a number", side.span, "use it as a condition: where(t <= 64, 1, 0)")
                 return None
+
         left_lin, right_lin = isinstance(left, _Lin), isinstance(right, _Lin)
         if not left_lin and not right_lin:
             return self.arithmetic(node, left, right)
+
         if node.op in ("+", "-"):
             return self.add_linear(node, left, right)
         if node.op == "*":
@@ -622,6 +631,7 @@ class Checker:
             self.error("KD127", f"E[...] samples the sequence w, not {node.variable.text!r}", node.variable.span,
                        "write E[w ~ D]")
             return None
+
         distribution = self.evaluate(node.distribution, scope, context)
         body = self.evaluate(node.body, scope, context)
         if distribution is None or body is None:
@@ -634,6 +644,7 @@ class Checker:
             self.error("KD128", f"the body of E[...] must be a loss, got {describe(body)}", node.body.span,
                        "write a loss such as KL(o ‖ q) after E[w ~ D]")
             return None
+
         source = self.make_source(distribution, node.distribution.span)
         if source is None:
             return None
@@ -713,12 +724,14 @@ class Checker:
         if not isinstance(func, ast.Name):
             self.error("KD120", "only names can be called", func.span, "call a function by name, as in λ(t, w)")
             return None
+
         name = func.id
         if name in PARAMETRISED:
             hint = {"JS": "write JS[0.5](o ‖ q)", "SKL": "write SKL[0.1](o ‖ q)", "SRKL": "write SRKL[0.1](o ‖ q)",
                     "Df": "define f(x) = ... and write Df[f](o ‖ q)"}[name]
             self.error("KD133", f"{name} needs its parameter in brackets", func.span, hint)
             return None
+
         if name in DIVERGENCES:
             return self.divergence(name, node, (), scope, context)
         if name in MODELS or name == "ref":
@@ -847,6 +860,7 @@ class Checker:
             self.error("KD113", f"{node.func.text} takes {_count(len(params), 'argument')} ({expected}), got {len(node.args)}", node.span,
                        f"call it as {node.func.text}({expected})")
             return None
+
         if self.function_body(name) is None:
             if function.kind == "value":
                 self.error("KD120", f"{node.func.text} is not a function", node.func.span, f"write {node.func.text} without arguments")
@@ -855,6 +869,7 @@ class Checker:
             self.error("KD135", f"{node.func.text} has a parameter that is not t, T, w, epoch, step or progress; "
                        "such a function is an f-divergence generator", node.span, f"use it as Df[{node.func.text}](o ‖ q)")
             return None
+
         args = self.positional(node, scope, context)
         if args is None:
             return None
@@ -870,6 +885,7 @@ class Checker:
                            arg_node.span, f"pass a number or a role name, as in {node.func.text}({', '.join(p.text for p in params)})")
                 return None
             inner[param.id] = value
+
         substitutions = {ROLE_SYMBOLS[p]: v for p, v in inner.items() if p in ROLE_SYMBOLS}
         return function.body.xreplace(substitutions) if substitutions else function.body
 
@@ -929,6 +945,7 @@ class Checker:
                 param = self.divergence_parameter(kind, items[0], scope)
                 if param is None:
                     return None
+
         args = self.positional(node, scope, context)
         if args is None:
             return None
@@ -938,6 +955,7 @@ class Checker:
             self.error("KD113", f"{kind} takes {expected} {'distribution' if arity == (1,) else 'distributions'}, got {len(args)}", node.span,
                        _divergence_example(kind))
             return None
+
         dists = []
         for value, arg_node in zip(args, node.args):
             dist = self.make_dist(value, arg_node.span, kind)
@@ -946,6 +964,7 @@ class Checker:
             dists.append(dist)
         if not self.check_vocabularies(kind, dists, node):
             return None
+
         if kind == "JS":
             self.uses.add("js.")
         if kind in ("JS", "SKL", "SRKL") and not self.check_endpoint(kind, param, dists):
@@ -1048,10 +1067,12 @@ class Checker:
             self.error("KD139", f"generator {name} must satisfy f(1) = 0, but f(1) = {shown}", item.span,
                        f"subtract the constant: {name}(x) = ... - ({shown})")
             return False
+
         second = sympy.diff(body, x, 2)
         smooth = algebra.unsupported_node(second) is None
         if smooth and (second.is_nonnegative or algebra.bounds(second, {x: (1e-300, math.inf)})[0] >= 0):
             return True
+
         xs = np.logspace(-6, 6, 241)
         if smooth:
             values = algebra.evaluate_numeric(second, {x: xs})
@@ -1063,6 +1084,7 @@ class Checker:
             chord = values[:-2] + (values[2:] - values[:-2]) * (xs[1:-1] - xs[:-2]) / (xs[2:] - xs[:-2])
             bad = np.flatnonzero(values[1:-1] > chord + 1e-9 * (1 + np.abs(chord))) + 1
             shown = "f lies above its chord"
+
         if bad.size:
             self.error("KD139", f"generator {name} is not convex on (0, ∞): {shown} at x = {xs[bad[0]]:g}",
                        item.span, "an f-divergence needs a convex f, such as x·log(x) (KL) or (x - 1)^2 (χ²)")
@@ -1153,6 +1175,7 @@ class Checker:
             hint = "did you mean KL(o ‖ q)?" if isinstance(value, _Lin) and value.kind == "dist" else "write a loss such as KL(o ‖ q) or CE"
             self.error("KD128", f"the objective must be a loss, got {describe(value)}", node.value.span, hint)
             return [], []
+
         groups: list = []
         terms = []
         names_seen: dict[str, int] = {}
@@ -1170,6 +1193,7 @@ class Checker:
             term = self.make_term(coefficient, divergence, group, names_seen)
             if term is not None:
                 terms.append(term)
+
         used = sorted({t.group for t in terms})
         if used != list(range(len(groups))):
             # Groups whose terms were all rejected are dropped and the others renumbered.
@@ -1465,8 +1489,8 @@ def parse_override(setting, raw):
 def check(spec: ast.Spec, overrides: dict[str, Any] | None = None, *, same_vocab: bool | None = None) -> obj.Objective:
     """Validate a parsed spec; raise `SpecError` with every error found.
 
-    `same_vocab` says whether teacher and student share a tokenizer: False makes
-    unprojected comparisons across vocabularies an error, None (unknown) defers
-    that check to run time.
+    `same_vocab` tells whether teacher and student share a tokenizer. False
+    makes unprojected comparisons across vocabularies an error, and None
+    (unknown) leaves that check to run time.
     """
     return Checker(spec, overrides, same_vocab).run()

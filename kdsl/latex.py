@@ -526,7 +526,7 @@ def render(objective: obj.Objective, standalone: bool = False) -> str:
     """Render the objective and the definitions it uses as LaTeX, in the user's term order.
 
     The result is an `align*` block followed by a sentence that names the
-    reduction in force; with `standalone=True` it is a complete document
+    reduction in force. With `standalone=True` it is a complete document
     that pdflatex compiles.
     """
     tree, definitions = build(objective)

@@ -88,7 +88,9 @@ def _probability_ratio(argument) -> str | None:
         if rest not in _LOG_NAMES or not coefficient.is_Rational:
             return None
         power = abs(coefficient)
-        text = _PROBABILITY_NAMES[rest] + ("" if power == 1 else f"^{power}" if power.is_Integer else f"^({power})")
+        text = _PROBABILITY_NAMES[rest]
+        if power != 1:
+            text += f"^{power}" if power.is_Integer else f"^({power})"
         (numerator if coefficient > 0 else denominator).append(text)
     top = "·".join(sorted(numerator)) or "1"
     if not denominator:

@@ -185,7 +185,8 @@ def test_unexpected_character_hints(char, hint):
     assert diagnostic.code == "KD010"
     assert f"U+{ord(char):04X}" in diagnostic.message
     assert hint in diagnostic.hint
-    assert "\x00" not in rendered and "\u202e" not in rendered
+    assert "\x00" not in rendered
+    assert "\u202e" not in rendered
 
 
 def test_unterminated_string():
