@@ -1,8 +1,8 @@
 """Syntax tree of a `.kd` spec. Every node keeps the span of the text it came from.
 
 Names are stored in canonical spelling (see `kdsl.parse.canonical_name`):
-`lambda`, `λ` and `Λ`-free look-alikes all become one name, so later stages
-never compare spellings.
+`lambda`, `λ` and the look-alike `𝜆` all become `λ`, so later stages never
+compare spellings. `Name.text` keeps the spelling as written, for messages.
 """
 
 from __future__ import annotations
