@@ -592,3 +592,25 @@ def test_reference_has_examples():
 def test_reference_example_is_valid(index):
     objective = kdsl.load(reference_examples()[index])
     assert objective.terms
+
+
+# --- end to end through the compiled module ---------------------------------------------------------------------------
+
+
+def test_sum_weight_end_to_end():
+    import torch
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = torch.randint(0, 7, (2, 5))
+    labels[0, :2] = -100  # a 2-token prompt: row 0 has T = 3, row 1 has T = 5
+    module = kdsl.compile("n(T) = Σ(exp(-t / 8))\nobjective = n(T) · KL(o ‖ q)")
+    loss = module(student_logits=student, teacher_logits=teacher, labels=labels).loss
+
+    log_o, log_q = teacher.log_softmax(-1), student.log_softmax(-1)
+    kl = (log_o.exp() * (log_o - log_q)).sum(-1)
+    valid = labels != -100
+    lengths = valid.sum(-1, keepdim=True).expand_as(kl)
+    weight = torch.tensor([[sum(math.exp(-t / 8) for t in range(1, int(n) + 1)) for n in row] for row in lengths])
+    expected = (weight * kl)[valid].mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
