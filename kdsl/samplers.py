@@ -324,7 +324,7 @@ def generate_examples(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: i
 
 @dataclass(frozen=True)
 class DrawPoint:
-    """The point of training a draw happens at, read by schedules and used to seed coin flips."""
+    """Training position of a draw (epoch, step, progress, micro-batch, group), read by schedules and coin flips."""
 
     epoch: float = 0.0
     step: int = 0
@@ -569,7 +569,7 @@ class AdaptiveSampler(Sampler):
 
     p starts at `init_prob` and rises by `step` (capped at `max_prob`) each time
     the validation loss exceeds the last reference loss by at least
-    `threshold`; the rise becomes the new reference.
+    `threshold`. The loss that caused the rise becomes the new reference.
     """
 
     def __init__(self, student: GenerationSampler, data: Sampler, config: AdaptiveSettings,
@@ -634,7 +634,7 @@ class AdaptiveSampler(Sampler):
 
 @dataclass
 class SamplerContext:
-    """What samplers need: data, tokenizer, models and the process layout."""
+    """Inputs of the samplers: data, tokenizer, models and the process layout."""
 
     pairs: Any  # datasets.Dataset with `prompt` and `response` columns
     encoder: PairEncoder

@@ -384,7 +384,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         model = self.accelerator.unwrap_model(self.student)
         if is_peft_model(model):
-            # The LoRA adapter goes to adapter/; student/ holds the merged model that any loader reads.
+            # The LoRA adapter goes to adapter/, and student/ contains the merged model that any loader reads.
             if self.accelerator.is_main_process:
                 save_directory(model, self.run_dir / "adapter")
             model = model.merge_and_unload()
@@ -512,8 +512,8 @@ def count_steps(num_pairs: int, config: TrainConfig, world_size: int) -> tuple[i
 def group_inputs(compiled: torch.nn.Module, objective: Objective, group: int) -> frozenset[str]:
     """Return the input roles (`teacher_logits`, `ref_logits`, ...) the terms of one group read.
 
-    A kdsl `CompiledObjective` carries its graph, whose input nodes say this
-    exactly; for any other module the roles are read off the objective's terms.
+    A kdsl `CompiledObjective` carries its graph, and its input nodes list the
+    roles exactly. For any other module the roles are read off the objective's terms.
     """
     graph = getattr(compiled, "graph", None)
     if graph is not None and hasattr(graph, "term_nodes"):
@@ -784,7 +784,7 @@ def check_lengths(model: Any, config: TrainConfig, settings: dict, role: str) ->
 
 
 def baseline_objective(objective: Objective) -> Objective:
-    """The CE-only objective under d_data with the run's settings (the report's baseline)."""
+    """Build the CE-only objective under d_data with the run's settings (the report's baseline)."""
     ce = Term(name="CE", loss=Divergence("CE"), group=0)
     return Objective(
         terms=[ce], groups=[DataSource()], settings=dict(objective.settings),
@@ -813,8 +813,8 @@ def train(objective: Objective, compiled: torch.nn.Module, *, out_dir: str | Pat
     settings. `out_dir` receives spec.kd, settings.json, versions.json,
     metrics.jsonl, tensorboard/, checkpoints/, student/, baseline/ and
     report.json. With `resume=True`, each stage restarts from its newest
-    checkpoint, or is skipped when its student is already saved; pass the
-    same (initial) student as the first attempt did.
+    checkpoint, or is skipped when its student is already saved. A resumed
+    call must pass the same initial student as the first attempt did.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed

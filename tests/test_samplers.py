@@ -373,7 +373,7 @@ def test_adaptive_fills_buffer_then_replays(tokenizer):
     sampler = adaptive_sampler(tokenizer, model, init_prob=1.0, max_prob=1.0, replay_capacity=6,
                                fresh_schedule="constant", replay_ratio=0.5)
     sources = [sampler.draw(2, DrawPoint(step=s, progress=0.5)).source for s in range(16)]
-    assert sources[:3] == ["d_q"] * 3  # fresh until the buffer holds its capacity
+    assert sources[:3] == ["d_q"] * 3  # fresh until the buffer is full
     assert len(sampler.buffer) == 6
     assert set(sources) == {"d_q", "replay"}
     fresh = sources[3:].count("d_q")

@@ -348,7 +348,7 @@ def test_two_processes_match_one_big_batch(tiny, tmp_path):
     launched = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert launched.returncode == 0, launched.stderr[-4000:]
 
-    # One process with batch 4 sees the same pairs as two processes with batch 2 each.
+    # One process with batch 4 draws the same pairs as two processes with batch 2 each.
     from transformers import AutoModelForCausalLM
 
     objective = kdsl.load("objective = KL(o ‖ q) + 0.5 · CE", {**BASE_SETTINGS, **settings})
