@@ -121,20 +121,23 @@ def test_saved_student_reloads(tiny, tmp_path):
 
 
 def test_mixture_with_student_generation(tiny, tmp_path):
-    text = "objective = E[w ~ 0.5·d_q + 0.5·d_data] JS[0.5](o ‖ q) + 0.5 · CE"
+    text = "objective = E[w ~ 0.5·d_q + 0.5·d_data] JS[0.5](o ‖ q) + 0.5 · CE + 0.2 · E[w ~ d_o] CE"
     objective = load(text, **{"train.max_steps": 5, "train.grad_accum": 2, "train.baseline": False,
                               "train.seed": 3})
     result = run_tiny(tiny, objective, tmp_path / "run")
     sources = {r["source/0"] for r in result.metrics if "source/0" in r}
     assert {"d_q", "d_data"} <= set(",".join(sources).split(","))
     assert {r["source/1"] for r in result.metrics if "source/1" in r} == {"d_data"}
+    assert {r["source/2"] for r in result.metrics if "source/2" in r} == {"d_o"}
     assert all(r["sched/mix0/d_q"] == 0.5 for r in result.metrics if "loss/total" in r)
 
 
-def test_accumulation_equals_one_big_batch(tiny, tmp_path):
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_accumulation_equals_one_big_batch(tiny, tmp_path, reduction):
     from accelerate import Accelerator
 
-    objective = load("objective = KL(o ‖ q) + 0.3 · CE", **{"train.grad_accum": 3, "train.max_steps": 4})
+    objective = load("objective = KL(o ‖ q) + 0.3 · CE",
+                     **{"train.grad_accum": 3, "train.max_steps": 4, "reduction": reduction})
     compiled = compile_objective(objective)
     student = make_model(len(tiny["tokenizer"]), seed=2).train()
     trainer = Trainer(
@@ -146,7 +149,8 @@ def test_accumulation_equals_one_big_batch(tiny, tmp_path):
     point = trainer.point(0)
     micro_batches = trainer.draw(point)
     num_items = trainer.count_items(micro_batches)
-    assert num_items == [sum(groups[0].count_targets() for groups in micro_batches)]
+    count = "count_targets" if reduction == "token" else "count_scored_sequences"
+    assert num_items == [sum(getattr(groups[0], count)() for groups in micro_batches)]
     trainer.accumulate(micro_batches, num_items, point)
     accumulated = [p.grad.clone() for p in student.parameters()]
 
