@@ -353,8 +353,9 @@ class Checker:
             function.kind = "invalid"
             return None
 
-        # Products of exponentials are merged so that ratios such as ref(w)/q(w) are one exp of a difference of logs.
-        value = sympy.powsimp(value, combine="exp")
+        # Products of exponentials are merged, under powers too, so that ratios such as ref(w)/q(w) and
+        # (ref(w)/q(w))^(1/T) are one exp of a difference of logs.
+        value = sympy.powsimp(value, combine="exp", deep=True)
         function.body = value
         function.kind = classify(value)
         return value
@@ -1206,18 +1207,19 @@ class Checker:
     def make_term(self, coefficient: sympy.Expr, divergence: obj.Divergence, group: int, names_seen) -> obj.Term | None:
         schedule, token, sequence = [], [], []
         for factor in sympy.Mul.make_args(coefficient):
-            symbols = factor.free_symbols
-            if symbols & obj.TOKEN_ROLES:
+            kind = classify(factor)
+            if kind == "token":
                 token.append(factor)
-            elif symbols & (obj.SEQUENCE_ROLES - obj.TOKEN_ROLES):
+            elif kind == "sequence":
                 sequence.append(factor)
             else:
                 schedule.append(factor)
         span = divergence.span
+        # deep=True also merges exponentials under a power: (ref(w)/q(w))^(1/T) becomes exp((log ref - log q)/T).
         parts = {
             "weight": sympy.Mul(*schedule),
-            "per-token weight": sympy.powsimp(sympy.Mul(*token), combine="exp"),
-            "sequence weight": sympy.powsimp(sympy.Mul(*sequence), combine="exp"),
+            "per-token weight": sympy.powsimp(sympy.Mul(*token), combine="exp", deep=True),
+            "sequence weight": sympy.powsimp(sympy.Mul(*sequence), combine="exp", deep=True),
         }
         if not self.weights_valid(parts, divergence, span):
             return None
@@ -1430,10 +1432,13 @@ def describe(value) -> str:
 
 def classify(expr: sympy.Expr) -> str:
     symbols = expr.free_symbols
+    # The length T belongs to both kinds: with o(w), q(w) or ref(w) it is a sequence weight, alone a per-token one.
+    if symbols & (obj.TOKEN_ROLES - obj.SEQUENCE_ROLES):
+        return "token"
+    if symbols & (obj.SEQUENCE_ROLES - obj.TOKEN_ROLES):
+        return "sequence"
     if symbols & obj.TOKEN_ROLES:
         return "token"
-    if symbols & obj.SEQUENCE_ROLES:
-        return "sequence"
     if symbols & obj.SCHEDULE_ROLES:
         return "schedule"
     if any(isinstance(s, sympy.Dummy) for s in symbols):
