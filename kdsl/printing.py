@@ -50,6 +50,11 @@ class _SpecPrinter(StrPrinter):
         ratio = _probability_ratio(expr.args[0])
         if ratio is not None:
             return ratio
+        # exp(c·(log a - log b)) with c free of log-probabilities prints as (a/b)^c.
+        power, logs = expr.args[0].as_independent(*_LOG_NAMES, as_Add=False)
+        ratio = _probability_ratio(logs) if power != 1 else None
+        if ratio is not None:
+            return f"({ratio})^({self._print(power)})"
         return f"exp({self._print(expr.args[0])})"
 
     def _print_Exp1(self, expr):

@@ -614,3 +614,9 @@ def test_sum_weight_end_to_end():
     weight = torch.tensor([[sum(math.exp(-t / 8) for t in range(1, int(n) + 1)) for n in row] for row in lengths])
     expected = (weight * kl)[valid].mean()
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_format_sequence_ratio_power():
+    text = format_objective(kdsl.load('ref = "builtin:tiny-teacher"\nρ(T, w) = (ref(w) / q(w))^(1/T)\nobjective = ρ(T, w) · CE'))
+    assert "ρ(T, w) = (ref(w)/q(w))^(1/T)" in text
+    assert "ρ(T, w) · CE" in text
