@@ -8,7 +8,9 @@ subprocess on the same seeded inputs:
    Linux), run one forward+backward pass, and read the peak (`VmHWM` in
    /proc/self/status). The memory column is that peak minus the resident
    size just before the pass, so it counts everything the loss allocates:
-   activations, temporaries and the gradients it returns;
+   activations, temporaries and the gradients it returns. Workers run with
+   `MALLOC_MMAP_THRESHOLD_=65536`, so glibc returns freed tensors to the
+   system and the peak counts live memory only;
 3. time `--repeats` further forward+backward passes and report the median.
 
 Implementations:
@@ -20,9 +22,9 @@ Implementations:
   fed materialised logits in the hidden-state mode;
 - `trl-chunked`: TRL's `_chunked_divergence_loss` (DistillationTrainer), hidden states only.
 
-Usage: `python benchmarks/loss_bench.py --quick` (small sizes, a minute or
-two) or without `--quick` for the sizes of docs/benchmarks.md (large: run
-on an otherwise idle machine).
+Usage: `python benchmarks/loss_bench.py --quick` for small sizes, or
+without `--quick` for the sizes of docs/benchmarks.md (tens of GiB and
+long runs: use an otherwise idle machine).
 """
 
 from __future__ import annotations
@@ -241,7 +243,7 @@ def run_worker(spec: dict) -> dict:
     before = _status_kib("VmRSS")
     value, grads = step(inputs)
     peak = _status_kib("VmHWM")
-    loss_value = float(value)
+    loss_value = float(value.detach())
     del value, grads
 
     times = []
@@ -266,6 +268,9 @@ def run_worker(spec: dict) -> dict:
 
 def run_case(spec: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # A fixed mmap threshold makes glibc return every freed tensor of 64 KiB or more to the system, so the
+    # peak resident size counts live tensors, not blocks the allocator keeps for reuse. Every case gets it.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     process = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env,
     )
