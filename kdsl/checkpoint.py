@@ -150,13 +150,12 @@ def save_checkpoint(trainer: Any) -> Path:
 
 def restore_checkpoint(trainer: Any) -> int:
     """Restore `trainer` from its newest complete checkpoint; return the step (0 if none)."""
-    import logging
-
     import torch
+    from accelerate.logging import get_logger
 
     from kdsl.errors import ConfigError
 
-    log = logging.getLogger("kdsl.train")
+    log = get_logger("kdsl.train")  # logs on the main process only
     found = latest_checkpoint(trainer.run_dir / "checkpoints")
     if found is None:
         log.info("%s: no checkpoint in %s, starting at step 0", trainer.name, trainer.run_dir)

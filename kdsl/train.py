@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import math
 import os
 import platform
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from kdsl import checkpoint
@@ -55,7 +55,8 @@ from kdsl.samplers import (
 )
 from kdsl.settings import SETTINGS
 
-logger = logging.getLogger("kdsl.train")
+# accelerate's adapter of logging.getLogger("kdsl.train") that logs on the main process only.
+logger = get_logger("kdsl.train")
 
 TRAIN_SETTINGS = (
     "train.seed", "train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum",
