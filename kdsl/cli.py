@@ -23,16 +23,37 @@ def parse_assignments(pairs: list[str]) -> dict[str, str]:
     return overrides
 
 
+def tokenizers_match(settings: dict) -> bool | None:
+    """Return whether teacher and student share a vocabulary, or None when their tokenizers are not available locally."""
+    from kdsl.models import load_tokenizer
+
+    try:
+        teacher = load_tokenizer(settings["teacher"], trust_remote_code=settings["trust_remote_code"])
+        student = load_tokenizer(settings["student"], trust_remote_code=settings["trust_remote_code"])
+    except (KdslError, OSError, ValueError) as error:
+        log.debug("vocabulary check deferred to run time: %s", error)
+        return None
+    return teacher.get_vocab() == student.get_vocab()
+
+
 def load_spec(args):
-    """Parse and validate the spec named on the command line, with --set overrides."""
+    """Parse and validate the spec named on the command line, with --set overrides.
+
+    When both tokenizers load locally, the spec is checked knowing whether
+    they share a vocabulary, so an unprojected comparison across vocabularies
+    is an error here rather than at run time.
+    """
     import kdsl
 
     path = Path(args.spec)
     if not path.is_file():
         raise ConfigError(f"spec file not found: {args.spec!r}; pass the path of a .kd file, e.g. specs/wsgo.kd")
     overrides = parse_assignments(getattr(args, "set", None))
-    same_vocab = getattr(args, "same_vocab", None)
-    return kdsl.load(path, overrides, same_vocab=same_vocab)
+    objective = kdsl.load(path, overrides)
+    same_vocab = tokenizers_match(objective.settings)
+    if same_vocab is False:
+        objective = kdsl.load(path, overrides, same_vocab=False)
+    return objective
 
 
 def print_warnings(objective) -> None:
@@ -45,13 +66,8 @@ def command_check(args) -> int:
 
     objective = load_spec(args)
     print_warnings(objective)
-    if hasattr(check, "format_objective"):
-        print(check.format_objective(objective, desugar=args.desugar))
-    else:
-        for term in objective.terms:
-            print(f"group {term.group}: {term.coefficient} · {term.name}")
-    if hasattr(check, "canonical_hash"):
-        print(f"hash: {check.canonical_hash(objective)}")
+    print(check.format_objective(objective, desugar=args.desugar))
+    print(f"hash: {check.canonical_hash(objective)}")
     return 0
 
 
