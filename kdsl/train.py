@@ -227,6 +227,7 @@ class Trainer:
         for step in range(self.step, self.total_steps):
             started = time.perf_counter()
             point = self.point(step)
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
 
             micro_batches = self.draw(point)  # [micro][group]
             num_items = self.count_items(micro_batches)  # one global count per group
@@ -240,7 +241,7 @@ class Trainer:
             self.tokens += tokens
             seconds = time.perf_counter() - started
             self.train_seconds += seconds
-            record = self.record(point, totals, grad_norm, tokens, seconds, micro_batches)
+            record = self.record(point, totals, lr, grad_norm, tokens, seconds, micro_batches)
             self.metrics.append(record)
             bar.update(1)
             bar.set_postfix(progress_postfix(record), refresh=False)
@@ -347,7 +348,7 @@ class Trainer:
 
     # Logging, evaluation and checkpoints.
 
-    def record(self, point: DrawPoint, totals: dict[str, float], grad_norm: float, tokens: int,
+    def record(self, point: DrawPoint, totals: dict[str, float], lr: float, grad_norm: float, tokens: int,
                seconds: float, micro_batches: list[list[Batch]]) -> dict:
         record: dict[str, Any] = {
             "step": self.step,
@@ -356,7 +357,7 @@ class Trainer:
         }
         record.update(totals)
         record.update(schedule_values(self.objective, self.samplers, point))
-        record["lr"] = self.scheduler.get_last_lr()[0]
+        record["lr"] = lr
         record["grad_norm"] = grad_norm
         record["tokens"] = self.tokens
         record["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0

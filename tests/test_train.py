@@ -439,3 +439,12 @@ def test_cli_run_with_local_models(tiny, tmp_path):
     # Resuming a finished run trains nothing again and keeps the metrics.
     assert main(["run", str(spec), "--resume", str(tmp_path / "run"), "--quiet"]) == 0
     assert len(step_losses(tmp_path / "run")) == 2
+
+
+def test_learning_rate_warms_up_then_decays(tiny, tmp_path):
+    objective = load("objective = CE", **{"train.max_steps": 6, "train.warmup_steps": 2, "train.lr": 1e-3,
+                                          "train.baseline": False})
+    result = run_tiny(tiny, objective, tmp_path / "run")
+    rates = [r["lr"] for r in result.metrics if "loss/total" in r]
+    assert rates[:3] == pytest.approx([0.0, 5e-4, 1e-3])
+    assert rates[3] > rates[4] > rates[5] > 0.0
