@@ -2,7 +2,7 @@
 
 `load_pairs` returns a `datasets.Dataset` with exactly two string columns,
 `prompt` and `response`. A training sequence is `prompt + response` followed
-by the tokenizer's EOS token; the builtin prompts end with the next speaker's
+by the tokenizer's EOS token. The builtin prompts end with the next speaker's
 name and a newline, so the response starts a new line.
 
 Name resolution, in order:
@@ -163,10 +163,10 @@ def _select_columns(dataset: datasets.Dataset, name: str, prompt_field: str, res
             )
         feature = dataset.features[field]
         if getattr(feature, "dtype", None) not in ("string", "large_string"):
-            raise ConfigError(f"field {field!r} of dataset {name!r} holds {feature}, expected strings")
+            raise ConfigError(f"field {field!r} of dataset {name!r} has type {feature}, expected strings")
         missing = dataset.data.column(field).null_count
         if missing:
-            raise ConfigError(f"field {field!r} of dataset {name!r} is empty in {missing} row(s); every row needs a string")
+            raise ConfigError(f"field {field!r} of dataset {name!r} is missing in {missing} row(s); every row needs a string")
 
     dataset = dataset.select_columns([prompt_field, response_field])
     return dataset.rename_columns({prompt_field: "prompt", response_field: "response"})

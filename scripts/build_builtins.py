@@ -295,6 +295,28 @@ def save_fast_tokenizer(tokenizer, folder: Path, model_max_length: int = 256) ->
             os.replace(item, folder / item.name)
 
 
+def token_boundaries(tokenizer, text: str) -> set[int]:
+    """Return the character offsets where a token ends, the end of the text excluded."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return {end for _, end in offsets if 0 < end < len(text)}
+
+
+def boundary_agreement(text: str) -> dict[str, float]:
+    """Compare the token boundaries of the two tokenizers on `text` (newline-separated chunks)."""
+    bpe, unigram = load_builtin_tokenizer(BPE_NAME), load_builtin_tokenizer(UNIGRAM_NAME)
+    common = only_bpe = only_unigram = 0
+    for chunk in text.split("\n"):
+        a, b = token_boundaries(bpe, chunk), token_boundaries(unigram, chunk)
+        common += len(a & b)
+        only_bpe += len(a - b)
+        only_unigram += len(b - a)
+    return {
+        "jaccard": common / (common + only_bpe + only_unigram),
+        "bpe_boundaries_shared": common / (common + only_bpe),
+        "unigram_boundaries_shared": common / (common + only_unigram),
+    }
+
+
 def build_tokenizers() -> None:
     text = read_split_text("train")
     start = time.time()
@@ -304,6 +326,8 @@ def build_tokenizers() -> None:
     alphabet = sorted(set("".join(read_split_text(split) for split in ("train", "validation", "test"))))
     save_fast_tokenizer(train_unigram(text, alphabet), TOKENIZER_DIR / UNIGRAM_NAME)
     log.info("tokenizer %s trained in %.1f s", UNIGRAM_NAME, time.time() - start)
+    agreement = boundary_agreement(read_split_text("validation"))
+    log.info("token boundaries shared on the validation text: %s", {k: round(v, 4) for k, v in agreement.items()})
 
 
 # ----------------------------------------------------------------------------
