@@ -448,3 +448,36 @@ def test_learning_rate_warms_up_then_decays(tiny, tmp_path):
     rates = [r["lr"] for r in result.metrics if "loss/total" in r]
     assert rates[:3] == pytest.approx([0.0, 5e-4, 1e-3])
     assert rates[3] > rates[4] > rates[5] > 0.0
+
+
+class ScaledObjective(torch.nn.Module):
+    """A compiled objective with one trainable parameter: its loss times exp(log_scale)."""
+
+    def __init__(self, compiled):
+        super().__init__()
+        self.compiled = compiled
+        self.log_scale = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, **kwargs):
+        result = self.compiled(**kwargs)
+        result.loss = result.loss * self.log_scale.exp() + self.log_scale ** 2
+        return result
+
+
+def test_objective_parameters_train_at_projector_lr(tiny, tmp_path):
+    from accelerate import Accelerator
+
+    objective = load("objective = KL(o ‖ q)", **{"train.max_steps": 2, "train.projector_lr": 0.05})
+    scaled = ScaledObjective(compile_objective(objective))
+    trainer = Trainer(
+        name="t", objective=objective, compiled=scaled, student=make_model(len(tiny["tokenizer"])),
+        teacher=tiny["teacher"], tokenizer=tiny["tokenizer"], pairs=tiny["pairs"], heldout=None,
+        config=TrainConfig.from_settings(objective.settings), accelerator=Accelerator(), run_dir=tmp_path,
+        progress_bar=False,
+    )
+    groups = trainer.optimizer.param_groups
+    assert len(groups) == 3
+    assert groups[-1]["params"] == [scaled.log_scale]
+    assert groups[-1]["initial_lr"] == 0.05
+    trainer.run()
+    assert scaled.log_scale.item() != 0.0
