@@ -60,9 +60,10 @@ def run_report(*, accelerator: Any, out_dir: Path, settings: dict, tokenizer: An
         report = finite(report)
         checkpoint.atomic_write_text(Path(out_dir) / "report.json", json.dumps(report, indent=2) + "\n")
         table = format_table(rows)
-        logger.info("report on %d held-out pairs:\n%s", len(pairs), table)
         if print_table:
-            print(table)
+            print(f"report on {len(pairs)} held-out pairs:\n{table}")
+        else:
+            logger.info("report on %d held-out pairs:\n%s", len(pairs), table)
     accelerator.wait_for_everyone()
     return report
 
