@@ -840,7 +840,7 @@ def train(objective: Objective, compiled: torch.nn.Module, *, out_dir: str | Pat
     parts = load_parts(objective.settings, config, Parts(student, teacher, tokenizer, pairs, heldout, ref))
     check_lengths(parts.student, config, objective.settings, "student")
     check_lengths(parts.teacher, config, objective.settings, "teacher")
-    initial = copy.deepcopy(parts.student) if config.baseline else None
+    initial = copy.deepcopy(parts.student)  # the report's "student (initial)" row and the baseline's start
     stages = [("distilled", objective, compiled, parts.student, out_dir)]
     if config.baseline:
         ce = baseline_objective(objective)
