@@ -430,13 +430,13 @@ class MixtureSampler(Sampler):
         values = [c.evaluate(epoch=point.epoch, step=point.step, progress=point.progress) for c in self.coefficients]
         for coefficient, value in zip(self.coefficients, values):
             if not (-1e-9 <= value <= 1 + 1e-9) or math.isnan(value):
-                raise ValueError(
+                raise ConfigError(
                     f"mixture coefficient {coefficient} is {value} at step {point.step} "
                     f"(epoch {point.epoch:.3f}): expected a probability in [0, 1]"
                 )
         total = sum(values)
         if abs(total - 1.0) > 1e-6:
-            raise ValueError(
+            raise ConfigError(
                 f"mixture coefficients of {self.name} sum to {total} at step {point.step}: expected 1"
             )
         return [min(max(v, 0.0), 1.0) for v in values]

@@ -320,7 +320,7 @@ def test_mixture_per_sequence_mixes_rows(tokenizer):
 
 def test_mixture_rejects_probability_outside_unit_interval(tokenizer):
     mixture = two_sources(tokenizer, (Scalar(2 * PROGRESS), Scalar(1 - 2 * PROGRESS)))
-    with pytest.raises(ValueError, match=r"is 1\.6.*expected a probability"):
+    with pytest.raises(ConfigError, match=r"is 1\.6.*expected a probability"):
         mixture.draw(1, DrawPoint(progress=0.8))
 
 
