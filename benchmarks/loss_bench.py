@@ -4,14 +4,15 @@ Every (input mode, size, loss, implementation) case runs in a fresh
 subprocess on the same seeded inputs:
 
 1. build the inputs (float32, 10% of positions labelled -100 as a prompt);
-2. reset the process's peak resident set size (`5 > /proc/self/clear_refs`,
-   Linux), run one forward+backward pass, and read the peak (`VmHWM` in
-   /proc/self/status). The memory column is that peak minus the resident
-   size just before the pass, so it counts everything the loss allocates:
-   activations, temporaries and the gradients it returns. Workers run with
-   `MALLOC_MMAP_THRESHOLD_=65536`, so glibc returns freed tensors to the
-   system and the peak counts live memory only;
-3. time `--repeats` further forward+backward passes and report the median.
+2. memory, in one worker: reset the process's peak resident set size
+   (`5 > /proc/self/clear_refs`, Linux), run one forward+backward pass and
+   read the peak (`VmHWM` in /proc/self/status). The memory column is that
+   peak minus the resident size just before the pass, so it counts all the
+   loss allocates: activations, temporaries and the gradients it returns.
+   This worker runs with `MALLOC_MMAP_THRESHOLD_=65536`, so glibc returns
+   freed tensors to the system and the peak counts live memory only;
+3. time, in a second worker with the default allocator: one warm-up pass,
+   then the median of `--repeats` forward+backward passes.
 
 Implementations:
 
@@ -227,57 +228,61 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
-def run_worker(spec: dict) -> dict:
+def run_worker(spec: dict, measure: str) -> dict:
+    """Run one case and return either its memory (`measure="memory"`) or its time (`measure="time"`)."""
     import torch
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     inputs = make_inputs(spec["mode"], spec["tokens"], spec["vocab"], spec["hidden"])
     step = make_step(spec["implementation"], spec["loss"], spec["mode"], spec["chunk_size"])
-    input_bytes = sum(t.numel() * t.element_size() for t in inputs.values())
-    grad_bytes = sum(t.numel() * t.element_size() for t in inputs.values() if t.requires_grad)
 
-    # Memory of the first pass: peak resident size above the size just before it.
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    before = _status_kib("VmRSS")
-    value, grads = step(inputs)
-    peak = _status_kib("VmHWM")
-    loss_value = float(value.detach())
-    del value, grads
+    if measure == "memory":
+        # Peak resident size of the first pass above the resident size just before it.
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        before = _status_kib("VmRSS")
+        value, grads = step(inputs)
+        peak = _status_kib("VmHWM")
+        return {
+            "value": float(value.detach()),
+            "peak_mib": (peak - before) / 1024,
+            "input_mib": sum(t.numel() * t.element_size() for t in inputs.values()) / 2**20,
+            "grad_mib": sum(g.numel() * g.element_size() for g in grads) / 2**20,
+        }
 
+    step(inputs)  # warm-up
     times = []
     for _ in range(spec["repeats"]):
         start = time.perf_counter()
         value, grads = step(inputs)
         times.append(time.perf_counter() - start)
         del value, grads
-    return {
-        **spec,
-        "value": loss_value,
-        "median_s": statistics.median(times),
-        "peak_mib": (peak - before) / 1024,
-        "input_mib": input_bytes / 2**20,
-        "grad_mib": grad_bytes / 2**20,
-        "threads_used": torch.get_num_threads(),
-    }
+    return {"median_s": statistics.median(times), "threads_used": torch.get_num_threads()}
 
 
 # --- The driver ---------------------------------------------------------------------------------
 
 
 def run_case(spec: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    # A fixed mmap threshold makes glibc return every freed tensor of 64 KiB or more to the system, so the
-    # peak resident size counts live tensors, not blocks the allocator keeps for reuse. Every case gets it.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    process = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, env=env,
-    )
-    if process.returncode != 0:
-        lines = process.stderr.strip().splitlines()
-        return {**spec, "error": lines[-1] if lines else f"exit {process.returncode}"}
-    return json.loads(process.stdout.strip().splitlines()[-1])
+    """Measure memory and time of one case, each in a fresh worker process."""
+    root = str(Path(__file__).resolve().parents[1])
+    base = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # For the memory run, a fixed mmap threshold makes glibc return every freed block of 64 KiB or more
+    # to the system, so the peak counts live tensors, not blocks kept for reuse. It slows allocation
+    # down, so the timed run keeps the default allocator.
+    environments = {"memory": {**base, "MALLOC_MMAP_THRESHOLD_": "65536"}, "time": base}
+    result = dict(spec)
+    for measure, env in environments.items():
+        process = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(spec), "--measure", measure],
+            capture_output=True, text=True, env=env,
+        )
+        if process.returncode != 0:
+            lines = process.stderr.strip().splitlines()
+            return {**spec, "error": lines[-1] if lines else f"exit {process.returncode}"}
+        result.update(json.loads(process.stdout.strip().splitlines()[-1]))
+    return result
 
 
 def cases(args) -> list[dict]:
@@ -335,10 +340,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of " + ",".join(IMPLEMENTATIONS))
     parser.add_argument("--json", type=Path, help="also write the raw results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("memory", "time"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
+        print(json.dumps(run_worker(json.loads(args.worker), args.measure)))
         return 0
     for name, chosen, known in (("loss", args.losses, LOSSES), ("mode", args.modes, MODES),
                                 ("implementation", args.implementations, IMPLEMENTATIONS)):

@@ -41,12 +41,13 @@ logger = logging.getLogger("kdsl.lower")
 
 IGNORE_INDEX = -100
 
-# Default bounds on rows × vocabulary of one chunk. The kernels of a chunk keep about 9 (KL) to
+# Default bound on rows × vocabulary of one chunk. The kernels of a chunk keep about 9 (KL) to
 # 18 (JS) chunk-sized float32 tensors alive, so 1M logits (4 MiB) per tensor keeps the working set
-# near 40-80 MiB. From hidden states every chunk re-reads the head [V, H] and updates its gradient,
-# so larger chunks (8M logits, 32 MiB) amortise that traffic.
-LOGITS_CHUNK_ELEMENTS = 1 << 20
-HIDDEN_CHUNK_ELEMENTS = 1 << 23
+# near 40-80 MiB.
+CHUNK_ELEMENTS = 1 << 20
+# From hidden states every chunk reads the head [V, H] twice and updates its gradient, about 16·V·H
+# bytes for 6·rows·V·H flops, so chunks keep at least this many rows to stay compute-bound.
+HIDDEN_MIN_ROWS = 128
 
 # Nodes evaluated once per call on whole sequences, before the chunk loop.
 SEQUENCE_OPS = ("sequence_logp", "sequence_length", "sequence_weight", "schedule")
@@ -563,14 +564,16 @@ class _Call:
         return LossResult(loss=loss, terms=terms, num_items=num_items)
 
     def rows_per_chunk(self) -> int:
-        """Return `chunk_size`, lowered so one chunk's logits of the widest model fit `max_chunk_elements`."""
+        """Return `chunk_size`, lowered so one chunk's logits of the widest model fit `max_chunk_elements`.
+
+        Without an explicit `max_chunk_elements`, chunks from hidden states keep at least HIDDEN_MIN_ROWS rows.
+        """
         present = [model for model in self.models.values() if model.present]
         widest = max((model.vocab for model in present), default=1)
-        budget = self.module.max_chunk_elements
-        if budget is None:
-            from_hidden = any(model.logits is None for model in present)
-            budget = HIDDEN_CHUNK_ELEMENTS if from_hidden else LOGITS_CHUNK_ELEMENTS
-        return max(1, min(self.module.chunk_size, budget // widest))
+        rows = (self.module.max_chunk_elements or CHUNK_ELEMENTS) // widest
+        if self.module.max_chunk_elements is None and any(model.logits is None for model in present):
+            rows = max(rows, HIDDEN_MIN_ROWS)
+        return max(1, min(self.module.chunk_size, rows))
 
     def chunks(self, size: int):
         rows = self.rows
@@ -582,8 +585,10 @@ class _Call:
         """Evaluate per-sequence nodes: log-probabilities of whole responses (one cheap pass) and their weights."""
         values = self.sequence_values
         sums = [node for node in self.plan.sequence_nodes if node.op == "sequence_logp"]
+        # Sums of hundreds of log-probabilities (log p(w) near -700 for p(w) = 1e-300) are accumulated in float64,
+        # so that a ratio exp(log ref(w) - log q(w)) keeps float32 precision.
         for node in sums:
-            values[node.name] = torch.zeros(self.rows.batch, dtype=torch.float32, device=self.rows.labels.device)
+            values[node.name] = torch.zeros(self.rows.batch, dtype=torch.float64, device=self.rows.labels.device)
         if sums:
             with torch.no_grad():
                 for chunk in self.chunks(self.rows_per_chunk()):
@@ -592,7 +597,7 @@ class _Call:
                     for node in sums:
                         logp, _ = node.inputs
                         picked = _gather_label(chunk.values[logp], chunk.labels)
-                        values[node.name].index_add_(0, chunk.sequence, picked)
+                        values[node.name].index_add_(0, chunk.sequence, picked.double())
         for node in self.plan.sequence_nodes:
             if node.op == "sequence_length":
                 values[node.name] = self.rows.lengths
@@ -602,12 +607,14 @@ class _Call:
                 values[node.name] = torch.tensor(self.value(node, "expr"), dtype=torch.float32)
 
     def sequence_weight(self, node: Node) -> Tensor:
+        """Evaluate a sequence weight [B] in float64 (one value per sequence) and return it in float32."""
         bindings = self.schedule_bindings()
         bindings.update({_ROLE_SYMBOLS[key]: self.sequence_values[name] for key, name in node.named})
-        weight = scalars.evaluate_weight(node.attr("expr"), bindings)
+        with torch.no_grad():
+            weight = scalars.evaluate(node.attr("expr"), bindings, dtype=torch.float64)
         weight = weight.expand(self.rows.batch) if weight.dim() == 0 else weight
         clip = node.attr("clip")
-        return weight.clamp(max=clip) if clip is not None else weight
+        return (weight.clamp(max=clip) if clip is not None else weight).float()
 
     def evaluate_chunk(self, chunk: _Chunk) -> dict[str, Tensor]:
         """Run the per-row emitters on one chunk; return each term's sum over the chunk, coefficient included."""
