@@ -662,6 +662,8 @@ class Checker:
         base = node.base
         if isinstance(base, ast.Name) and base.id in MODELS:
             return self.model_options(node, base)
+        if isinstance(base, ast.Project):
+            return self.projection_options(node, scope, context)
         if isinstance(base, ast.Name) and base.id in PARAMETRISED:
             self.error("KD122", f"{base.text}[...] needs arguments", node.span, f"write {base.text}[...](o ‖ q)")
             return None
@@ -698,6 +700,60 @@ class Checker:
                 temperature = obj.Scalar(value, item.value.span)
         atom = obj.ModelDist(base.id, temperature=temperature, top_k=top_k, span=node.span)
         return _Lin("dist", [(sympy.Integer(1), atom, None)], node.span)
+
+    def projection_options(self, node: ast.Subscript, scope, context):
+        """`o→q[τ=2]`: a temperature on the projected logits; a projection takes no other option."""
+        projected = self.evaluate(node.base, scope, context)
+        if projected is None:
+            return None
+        (_, atom, _), = projected.items
+        temperature = None
+        for item in node.items:
+            if not isinstance(item, ast.Keyword) or item.name.id not in ("τ", "temperature"):
+                self.error("KD132", f"unknown option for {atom.source}→{atom.target}", item.span,
+                           f"a projection takes only a temperature: write {atom.source}→{atom.target}[τ=2]")
+                return None
+            if temperature is not None:
+                self.error("KD132", "the temperature of a projection is given twice", item.span,
+                           f"write one τ, as in {atom.source}→{atom.target}[τ=2]")
+                return None
+            value = self.evaluate(item.value, {}, None)
+            if value is None:
+                return None
+            if not isinstance(value, sympy.Expr):
+                self.error("KD132", f"{item.name.text} takes a number, got {describe(value)}", item.value.span,
+                           f"write {atom.source}→{atom.target}[τ=2]")
+                return None
+            if not self.check_positive(value, item.value.span, "temperature τ"):
+                return None
+            temperature = obj.Scalar(value, item.value.span)
+        atom = obj.ProjectedDist(atom.source, temperature=temperature, span=node.span)
+        return _Lin("dist", [(sympy.Integer(1), atom, None)], node.span)
+
+    def projected_cross_entropy(self, node: ast.Call, scope, context):
+        """`CE(o→q)`: the cross-entropy of the projected teacher against the student's labels."""
+        if context is not None:
+            self.error("KD121", f"CE is a loss; losses belong in the objective, not in the definition of {context}", node.span,
+                       "weight the loss in the objective, as in λ(t, w) · CE(o→q)")
+            return None
+        args = self.positional(node, scope, context)
+        if args is None:
+            return None
+        if len(args) != 1:
+            self.error("KD122", f"CE takes no argument or one projection, got {len(args)} arguments", node.span,
+                       "write CE for the student, or CE(o→q) for the teacher projected into the student's vocabulary")
+            return None
+        (value,) = args
+        atom = None
+        if isinstance(value, _Lin) and value.kind == "dist" and len(value.items) == 1:
+            coefficient, atom, _ = value.items[0]
+            if coefficient != 1:
+                atom = None
+        if not isinstance(atom, obj.ProjectedDist) or atom.source != "o":
+            self.error("KD122", f"CE takes only the projection o→q as its argument, got {describe(value)}", node.args[0].span,
+                       "write CE for the student's cross-entropy, or CE(o→q) to train the projection on the labels")
+            return None
+        return _Lin("loss", [(sympy.Integer(1), obj.Divergence("CE", args=(atom,), span=node.span), None)], node.span)
 
     def check_positive(self, value: sympy.Expr, span: Span, what: str) -> bool:
         if value.free_symbols - obj.SCHEDULE_ROLES:
@@ -746,8 +802,7 @@ class Checker:
         if name in self.functions:
             return self.user_call(node, scope, context)
         if name == "CE":
-            self.error("KD122", "CE takes no arguments", node.span, "write CE")
-            return None
+            return self.projected_cross_entropy(node, scope, context)
         if name in SOURCES or name in ROLE_NAMES or name in SETTINGS:
             self.error("KD120", f"{func.text} is not a function", func.span, f"write {func.text} without arguments")
             return None

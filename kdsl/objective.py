@@ -97,6 +97,7 @@ class ProjectedDist:
     """A model's distribution projected into the other vocabulary (Dual-Space KD)."""
 
     source: str  # "o" for o→q, "q" for q→o
+    temperature: Scalar | None = None  # o→q[τ=2] divides the projected logits by τ
     span: Span | None = field(default=None, compare=False)
 
     @property

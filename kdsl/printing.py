@@ -123,7 +123,10 @@ def describe_dist(dist) -> str:
             options.append(f"top_k={dist.top_k}")
         return dist.model + (f"[{', '.join(options)}]" if options else "")
     if isinstance(dist, obj.ProjectedDist):
-        return f"{dist.source}→{dist.target}"
+        text = f"{dist.source}→{dist.target}"
+        if dist.temperature is not None:
+            text += f"[τ={format_scalar(dist.temperature.expr)}]"
+        return text
     return " + ".join(f"{_factor(c.expr)}·{describe_dist(d)}" for c, d in dist.components)
 
 
@@ -141,7 +144,7 @@ def describe_generator(generator: sympy.Lambda) -> str:
 def describe_divergence(divergence: obj.Divergence) -> str:
     """Render a loss atom as written in a spec: `KL(o‖q)`, `JS[1/2](o‖q)`, `CE`."""
     if divergence.kind == "CE":
-        return "CE"
+        return "CE" + "".join(f"({describe_dist(d)})" for d in divergence.args)
     args = [describe_dist(d) for d in divergence.args]
     joined = ", ".join(args) if divergence.kind in ("TV", "H", "ULD") else "‖".join(args)
     if divergence.param is not None:
@@ -421,7 +424,10 @@ def _canonical_dist(dist) -> str:
             text += f"[top_k={dist.top_k}]"
         return text
     if isinstance(dist, obj.ProjectedDist):
-        return f"{dist.source}->{dist.target}"
+        text = f"{dist.source}->{dist.target}"
+        if dist.temperature is not None and sympy.expand(dist.temperature.expr) != 1:
+            text += f"[tau={sympy.srepr(sympy.expand(dist.temperature.expr))}]"
+        return text
     return _canonical_mixture([(c.expr, _canonical_dist(d)) for c, d in dist.components])
 
 
