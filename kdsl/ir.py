@@ -613,11 +613,14 @@ class _Builder:
         logits = self.add(
             "projection", NodeType("f32", ("B", "T", _MODEL_VOCAB[dist.target])),
             named=(("student_hidden", student), ("teacher_hidden", teacher)),
-            attrs=(("source", dist.source),), hint=f"{_dist_name(dist)}_logits", span=dist.span,
+            attrs=(("source", dist.source),), hint=f"{dist.source}_to_{dist.target}_logits", span=dist.span,
         )
+        attrs = ()
+        if dist.temperature is not None and dist.temperature.expr != 1:
+            attrs = (("temperature", dist.temperature.expr),)
         return self.add(
             "log_softmax", NodeType("f32", ("B", "T", vocab)),
-            inputs=(logits,), hint=f"logp_{_dist_name(dist)}", span=dist.span,
+            inputs=(logits,), attrs=attrs, hint=f"logp_{_dist_name(dist)}", span=dist.span,
         )
 
     def node_type(self, name: str) -> NodeType:
@@ -631,8 +634,10 @@ class _Builder:
     def divergence(self, div: Divergence) -> str:
         names = "_".join(_dist_name(arg) for arg in div.args)
         if div.kind == "CE":
+            # CE scores the student; CE(o→q) scores the projection against the same labels.
+            logp = self.dist(div.args[0]) if div.args else self.model_logp("q")
             return self.add(
-                "token_nll", F32_POSITIONS, inputs=(self.model_logp("q"), self.labels()), hint="ce", span=div.span,
+                "token_nll", F32_POSITIONS, inputs=(logp, self.labels()), hint=f"ce_{names}" if names else "ce", span=div.span,
             )
         args = tuple(self.dist(arg) for arg in div.args)
         if div.kind == "KL":
@@ -753,7 +758,10 @@ def _dist_name(dist: Dist) -> str:
             name += f"_top{dist.top_k}"
         return name
     if isinstance(dist, ProjectedDist):
-        return f"{dist.source}_to_{dist.target}"
+        name = f"{dist.source}_to_{dist.target}"
+        if dist.temperature is not None and dist.temperature.expr != 1:
+            name += f"_tau{_short(dist.temperature.expr)}"
+        return name
     if isinstance(dist, MixtureDist):
         # Constant weights are part of the name (mix_0.1o_0.9q); a schedule's weight is only in the node's attrs.
         parts = [(_short(c.expr) if c.is_constant else "") + _dist_name(d) for c, d in dist.components]

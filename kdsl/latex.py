@@ -198,7 +198,11 @@ class Option(_Construct):
 
 
 class Projection(_Construct):
-    """o→q or q→o: args (source model, target model)."""
+    """o→q or q→o: args (source model, target model, Option...)."""
+
+
+class ProjectedCrossEntropy(_Construct):
+    """CE(o→q): args (the projection)."""
 
 
 class Probability(_Construct):
@@ -261,8 +265,10 @@ class _Builder:
         return Option(Name(node.name.id), self.build(node.value))
 
     def build_subscript(self, node: ast.Subscript):
-        # Only o[...] and q[...] reach here; parametrised divergences are handled by build_call.
+        # Only o[...], q[...] and o→q[...] reach here; parametrised divergences are handled by build_call.
         options = [self.build(item) for item in node.items]
+        if isinstance(node.base, ast.Project):
+            return Projection(Name(node.base.source.id), Name(node.base.target.id), *options)
         return Model(Name(node.base.id), *options)
 
     def build_call(self, node: ast.Call):
@@ -281,6 +287,8 @@ class _Builder:
             return Entropy(*args)
         if name == "ULD":
             return UniversalLogit(*args)
+        if name == "CE":
+            return ProjectedCrossEntropy(*args)
         if name in ("o", "q", "ref"):
             return Probability(Name(name), Name(node.args[0].id))
         if name == "adaptive":
@@ -423,8 +431,11 @@ class LatexPrinter(Printer):
         return r"\tau=" + self._print(value)
 
     def _print_Projection(self, expr):
-        source, target = expr.args
-        return latex_name(source.name) + r"^{\rightarrow " + target.name + "}"
+        source, target, *options = expr.args
+        text = r"\rightarrow " + target.name
+        if options:
+            text += r",\, " + r",\, ".join(self._print(option) for option in options)
+        return latex_name(source.name) + "^{" + text + "}"
 
     def _print_Adaptive(self, expr):
         sources = [a for a in expr.args if not isinstance(a, Option)]
@@ -458,6 +469,9 @@ class LatexPrinter(Printer):
 
     def _print_UniversalLogit(self, expr):
         return r"\mathrm{ULD}" + self.arguments(expr.args)
+
+    def _print_ProjectedCrossEntropy(self, expr):
+        return r"\mathrm{CE}" + self.arguments(expr.args)
 
 
 def _precedence(expr) -> int:
@@ -571,6 +585,9 @@ def _where_sentence(objective: obj.Objective, tree) -> str:
     nodes = list(sympy.preorder_traversal(tree))
     if any(isinstance(n, Name) and n.name == "CE" for n in nodes):
         clauses.append(r"$\mathrm{CE} = -\log q_\theta(w_t)$ is the cross-entropy of the ground-truth token")
+    if any(isinstance(n, ProjectedCrossEntropy) for n in nodes):
+        clauses.append(r"$\mathrm{CE}(o^{\rightarrow q}) = -\log o^{\rightarrow q}(w_t)$ is the cross-entropy of the ground-truth "
+                       r"token under the teacher projected into the student's vocabulary")
     if _has_bare_terms(tree):
         clauses.append(r"a term outside $\mathbb{E}$ is an expectation under $w \sim d_{\mathrm{data}}$")
     clauses.append(REDUCTION_SENTENCES.get(objective.reduction, f"reduction: {objective.reduction}"))
@@ -583,7 +600,7 @@ def _has_bare_terms(tree) -> bool:
     """Return whether some loss of the objective is outside every expectation."""
     if isinstance(tree, Expectation):
         return False
-    if isinstance(tree, (Divergence, FDivergence, Entropy, UniversalLogit)):
+    if isinstance(tree, (Divergence, FDivergence, Entropy, UniversalLogit, ProjectedCrossEntropy)):
         return True
     if isinstance(tree, Name) and tree.name == "CE":
         return True
