@@ -422,6 +422,7 @@ def test_cli_run_with_local_models(tiny, tmp_path):
     make_model(len(tiny["tokenizer"]), seed=1).save_pretrained(tmp_path / "student")
     tiny["tokenizer"].save_pretrained(tmp_path / "student")
     tiny["teacher"].save_pretrained(tmp_path / "teacher")
+    tiny["tokenizer"].save_pretrained(tmp_path / "teacher")
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n"
                             for r in tiny["pairs"]))
