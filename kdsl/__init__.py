@@ -48,11 +48,14 @@ def load(text_or_path: str | Path, overrides: dict[str, Any] | None = None, *, s
     return check(parse(text, label), overrides, same_vocab=same_vocab)
 
 
-def compile(text_or_path: str | Path, *, same_vocab: bool | None = None, fused: bool = True, **settings: Any):
+def compile(text_or_path: str | Path, *, same_vocab: bool | None = None, fused: bool = True,
+            hidden_sizes: tuple[int, int] | None = None, projector: Any = None, **settings: Any):
     """Compile a spec (text, a path, or a bare objective expression) into a `torch.nn.Module`.
 
     Keyword arguments set spec settings by their dotted names with '.' written
     as '__' (`train__chunk_size=512`) or pass them in `settings={"train.chunk_size": 512}`.
+    An objective with o→q or q→o needs `hidden_sizes=(student, teacher)` to build its
+    projector, or a ready `projector` (`kdsl.projection.DualSpaceProjector`).
     """
     from kdsl.ir import build
     from kdsl.lower import lower
@@ -60,4 +63,4 @@ def compile(text_or_path: str | Path, *, same_vocab: bool | None = None, fused: 
     overrides = dict(settings.pop("settings", {}) or {})
     overrides.update({key.replace("__", "."): value for key, value in settings.items()})
     objective = load(text_or_path, overrides, same_vocab=same_vocab)
-    return lower(build(objective), objective, fused=fused)
+    return lower(build(objective), objective, fused=fused, hidden_sizes=hidden_sizes, projector=projector)

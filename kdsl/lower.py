@@ -74,9 +74,19 @@ def lower(
     chunk_size: int | None = None,
     vocab_size: int | None = None,
     max_chunk_elements: int | None = None,
+    hidden_sizes: tuple[int, int] | None = None,
+    projector: Any = None,
 ) -> "CompiledObjective":
-    """Build the torch module that evaluates `graph`; `objective` supplies settings and the spec text."""
+    """Build the torch module that evaluates `graph`; `objective` supplies settings and the spec text.
+
+    A graph with o→q or q→o compiles to `kdsl.projected.ProjectedObjective`, which needs `hidden_sizes`
+    (student, teacher) or a `projector`.
+    """
     graph.verify()
+    from kdsl.projected import ProjectedObjective, has_projection
+
+    if has_projection(graph):
+        return ProjectedObjective(graph, objective, hidden_sizes=hidden_sizes, projector=projector)
     return CompiledObjective(
         graph, objective, fused=fused, chunk_size=chunk_size, vocab_size=vocab_size, max_chunk_elements=max_chunk_elements,
     )

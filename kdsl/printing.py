@@ -333,8 +333,8 @@ def canonical_form(objective: obj.Objective) -> str:
     components are sorted and merged, o[τ=1] is o, and the weights of equal
     (distribution, atom) pairs are added and expanded. The settings that
     change the loss as a function of its inputs are included: the reduction,
-    and mixture.per, rho.clip, projection.compat, head.policy and the sgo.*
-    generation settings where a construct uses them.
+    and mixture.per, rho.clip, the projection.* settings, head.policy and the
+    sgo.* generation settings where a construct uses them.
     """
     weights: dict[tuple[str, str], sympy.Expr] = {}
     uses: dict[tuple[str, str], set[str]] = {}
@@ -368,7 +368,7 @@ def _meaning_settings(settings: dict, uses: set[str]) -> list[str]:
     if "rho" in uses:
         names.append("rho.clip")
     if "projection" in uses:
-        names.append("projection.compat")
+        names += ["projection.compat", "projection.accuracy_gate", "projection.attention"]
     if "generated" in uses:
         names += ["sgo.max_new_tokens", "sgo.temperature", "sgo.top_k", "sgo.top_p"]
     return [f"{name}={settings.get(name)!r}" for name in sorted(names)]

@@ -314,9 +314,9 @@ def test_misaligned_logits():
         compiled(student_logits=student[:, :-1], labels=labels)
 
 
-def test_projection_reports_not_available():
+def test_projection_needs_projector():
     obj = objective(Term("KL(o→q ‖ q)", div("KL", ProjectedDist("o"), ModelDist("q"))))
-    with pytest.raises(KdslError, match="o→q projection .* is not available"):
+    with pytest.raises(KdslError, match="needs a projector: pass hidden_sizes="):
         lower(ir.build(obj), obj)
 
 

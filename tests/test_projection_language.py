@@ -130,3 +130,10 @@ def test_dskd_recipe_prints_as_written():
     assert [term.name for term in objective.terms] == ["CE", "CE(o→q)", "KL(o→q[τ=2]‖q[τ=2])", "KL(o[τ=2]‖q→o[τ=2])"]
     assert [term.coefficient.expr for term in objective.terms] == [sympy.Rational(1, 10)] + [sympy.Rational(9, 10)] * 3
     assert "CE(o→q)" in format_objective(objective)
+
+
+@pytest.mark.parametrize("setting", ["projection.accuracy_gate = true", 'projection.attention = "aligned"', 'projection.compat = "dskd"'])
+def test_projection_settings_change_hash(setting):
+    plain = load("KL(o→q ‖ q)")
+    changed = load(f"{setting}\nobjective = KL(o→q ‖ q)")
+    assert canonical_hash(plain) != canonical_hash(changed)

@@ -1,0 +1,336 @@
+"""The compiled loss of objectives with cross-vocabulary projections (o→q, q→o), as a torch module.
+
+`ProjectedObjective` owns the `DualSpaceProjector` as its submodule
+`projector`, so `parameters()` and `state_dict()` hold the projector
+weights. Each call runs the projector once and every term that reads `o→q`
+or `q→o` uses that result.
+
+Positions: the student's distributions (`q`, `o→q`) live at the student's
+positions and are scored against `labels`. The teacher's (`o`, `q→o`) live at
+the teacher's own positions, scored against `teacher_labels`. Every term is
+summed over its valid positions and divided by the number of valid student
+labels, teacher-position sums included, as Dual-Space KD does.
+
+Gradient rules of Dual-Space KD: `CE(o→q)` trains the projector through
+`o→q`. In any other loss, `o→q` is a target like `o` and is used without
+gradient, and the accuracy gate (`projection.accuracy_gate`) restricts
+that loss to the positions where argmax `o→q` is the label. `q→o` keeps its
+gradient everywhere.
+
+NOTE: this path evaluates whole [B, L, V] tensors with ordinary autograd,
+without the chunking of `kdsl.lower`. Token weights, sequence weights and
+scheduled term coefficients are rejected with projections.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sympy
+import torch
+from torch import Tensor, nn
+
+from kdsl import numerics, scalars
+from kdsl.errors import KdslError
+from kdsl.ir import Graph, Node
+from kdsl.objective import Objective
+from kdsl.projection import DualSpaceProjector
+from kdsl.settings import defaults
+
+__all__ = ["ProjectedObjective", "has_projection"]
+
+IGNORE_INDEX = -100
+
+# Ops this evaluator runs on whole [B, L, ...] tensors.
+_SUPPORTED = {"input", "valid", "projection", "log_softmax", "mixture", "kl", "cross_entropy", "total_variation",
+              "entropy", "token_nll", "combine", "token_mean", "sequence_mean", "sum"}
+
+# The call arguments the projector reads, with what each one is.
+_PROJECTOR_ARGUMENTS = {
+    "student_hidden": "the student's last hidden layer [B, S, d_s]",
+    "teacher_hidden": "the teacher's last hidden layer [B, T, d_t]",
+    "student_input_ids": "the student's input token ids [B, S]",
+    "teacher_input_ids": "the teacher's input token ids [B, T] (cross attention only)",
+    "teacher_labels": "the teacher's labels [B, T], -100 where a position is not scored",
+    "student_embedding": "the student's input embedding (nn.Embedding or a [V_s, d_s] tensor; cross attention only)",
+    "teacher_embedding": "the teacher's input embedding (nn.Embedding or a [V_t, d_t] tensor; cross attention only)",
+    "student_head": "the student's output head weight [V_s, d_s]",
+    "teacher_head": "the teacher's output head weight [V_t, d_t] (needed for q→o)",
+}
+
+
+def has_projection(graph: Graph) -> bool:
+    """Return whether some node of `graph` projects between vocabularies."""
+    return any(node.op == "projection" for node in graph)
+
+
+def build_projector(settings: dict[str, Any], hidden_sizes: tuple[int, int] | None,
+                    projector: DualSpaceProjector | None) -> DualSpaceProjector:
+    """Return the projector of a compiled objective, checked against the projection settings."""
+    cross = settings["projection.attention"] == "cross"
+    compat = settings["projection.compat"]
+    gate = bool(settings["projection.accuracy_gate"])
+    if projector is None:
+        if hidden_sizes is None:
+            raise KdslError(
+                "this objective projects between vocabularies (o→q, q→o), so it needs a projector: pass "
+                "hidden_sizes=(student_hidden_size, teacher_hidden_size), or projector=DualSpaceProjector.for_models(student, teacher)"
+            )
+        student_size, teacher_size = hidden_sizes
+        return DualSpaceProjector(student_size, teacher_size, cross_attention=cross, compat=compat, accuracy_gate=gate)
+    if not isinstance(projector, DualSpaceProjector):
+        raise KdslError(f"projector must be a kdsl.projection.DualSpaceProjector, got {type(projector).__name__}")
+    expected = {"compat": (projector.compat, compat, "projection.compat"),
+                "accuracy_gate": (projector.accuracy_gate, gate, "projection.accuracy_gate")}
+    for name, (found, wanted, setting) in expected.items():
+        if found != wanted:
+            raise KdslError(f"the projector was built with {name}={found!r} but the spec sets {setting} = {wanted!r}; "
+                            f"build the projector with {name}={wanted!r} or change the setting")
+    if cross and not projector.cross_attention:
+        raise KdslError('projection.attention is "cross" but the projector was built with cross_attention=False; '
+                        'build it with cross_attention=True or set projection.attention = "aligned"')
+    return projector
+
+
+class ProjectedObjective(nn.Module):
+    """A compiled kdsl objective with o→q or q→o terms; the projector is its submodule `projector`.
+
+    ```
+    result = objective(
+        student_logits=s, labels=y,                      # [B, S, V_s], [B, S]
+        teacher_logits=t, teacher_labels=y_t,            # [B, T, V_t], [B, T]
+        student_hidden=h_s, teacher_hidden=h_t,          # [B, S, d_s], [B, T, d_t]
+        student_input_ids=x_s, teacher_input_ids=x_t,
+        student_embedding=E_s, teacher_embedding=E_t,
+        student_head=W_s, teacher_head=W_t,
+    )
+    ```
+
+    Logits may be left out where hidden states and a head give them
+    (`student_hidden @ student_head.T`). Teacher inputs are used without
+    gradient.
+    """
+
+    def __init__(self, graph: Graph, objective: Objective, *, hidden_sizes: tuple[int, int] | None = None,
+                 projector: DualSpaceProjector | None = None):
+        super().__init__()
+        self.graph = graph
+        self.objective = objective
+        self.settings = {**defaults(), **objective.settings}
+        self.fused = False
+        for node in graph:
+            if node.op not in _SUPPORTED:
+                raise KdslError(f"node %{node.name} ({node.op}) is not available together with a projection (o→q, q→o); "
+                                "write the objective with KL, CE, H, TV and mixtures only")
+            if node.op in ("token_mean", "sequence_mean") and node.named:
+                keys = ", ".join(key for key, _ in node.named)
+                raise KdslError(f"term '{node.attr('name')}' has a {keys} input, which is not available together with a "
+                                "projection (o→q, q→o); use constant term coefficients")
+        if objective.reduction != "token":
+            raise KdslError(f'reduction = "{objective.reduction}" is not available together with a projection (o→q, q→o); '
+                            'use reduction = "token"')
+        self.aligned = self.settings["projection.attention"] == "aligned"
+        self.projector = build_projector(self.settings, hidden_sizes, projector)
+        self.term_keys = {node.name: node.attr("name") for node in graph.term_nodes()}
+
+    def extra_repr(self) -> str:
+        attention = "aligned" if self.aligned else "cross"
+        return f"projection, attention={attention}\n{self.objective.source_text.strip()}"
+
+    def forward(
+        self,
+        student_logits: Tensor | None = None,
+        teacher_logits: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        teacher_labels: Tensor | None = None,
+        student_hidden: Tensor | None = None,
+        teacher_hidden: Tensor | None = None,
+        student_input_ids: Tensor | None = None,
+        teacher_input_ids: Tensor | None = None,
+        student_embedding: nn.Module | Tensor | None = None,
+        teacher_embedding: nn.Module | Tensor | None = None,
+        student_head: Tensor | None = None,
+        teacher_head: Tensor | None = None,
+        epoch: float = 0.0,
+        step: int = 0,
+        progress: float = 0.0,
+        num_items: int | float | Tensor | None = None,
+        group: int | None = None,
+    ):
+        from kdsl.lower import LossResult
+
+        arguments = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden,
+                     "student_input_ids": student_input_ids, "teacher_input_ids": teacher_input_ids,
+                     "teacher_labels": teacher_labels, "student_embedding": student_embedding,
+                     "teacher_embedding": teacher_embedding, "student_head": student_head, "teacher_head": teacher_head}
+        terms = self._select_terms(group)
+        needed = self._needed_nodes(terms)
+        self._check_arguments(arguments, labels, needed)
+        projection = self._project(arguments, labels, needed)
+
+        call = _Evaluation(
+            settings=self.settings,
+            schedule={"epoch": float(epoch), "step": float(step), "progress": float(progress)},
+            labels={"student": labels.long(), "teacher": teacher_labels.long() if teacher_labels is not None else None},
+            logits={"student": _logits(student_logits, student_hidden, student_head, "student"),
+                    "teacher": _logits(teacher_logits, teacher_hidden, teacher_head, "teacher")},
+            projection=projection,
+        )
+        count = int(labels.ne(IGNORE_INDEX).sum())
+        denominator = float(num_items) if num_items is not None else max(count, 1)
+        if isinstance(num_items, Tensor):
+            denominator = num_items.detach()
+        loss = None
+        values = {}
+        for term in terms:
+            value = call.term(self.graph, term) / denominator
+            values[self.term_keys[term.name]] = value.detach()
+            loss = value if loss is None else loss + value
+        return LossResult(loss, values, num_items if num_items is not None else count)
+
+    def _select_terms(self, group: int | None) -> list[Node]:
+        if group is None:
+            return self.graph.term_nodes()
+        groups = sorted({node.group for node in self.graph.term_nodes()})
+        if isinstance(group, bool) or not isinstance(group, int) or group not in groups:
+            raise KdslError(f"group={group!r} is not a sampling group of this objective; expected one of {groups} or None")
+        return self.graph.term_nodes(group)
+
+    def _needed_nodes(self, terms: list[Node]) -> list[Node]:
+        seen: dict[str, Node] = {}
+        for term in terms:
+            for node in self.graph.ancestors(term.name):
+                seen[node.name] = node
+        return list(seen.values())
+
+    def _check_arguments(self, arguments: dict[str, Any], labels: Tensor | None, needed: list[Node]) -> None:
+        if labels is None or not isinstance(labels, Tensor) or labels.dim() != 2:
+            raise KdslError("labels are required: student token ids [B, S] aligned with the student logits, -100 where a "
+                            "position is not scored")
+        sources = {node.attr("source") for node in needed if node.op == "projection"}
+        if not sources:
+            return
+        required = ["student_hidden", "teacher_hidden", "teacher_labels", "student_head"]
+        if not self.aligned:
+            required += ["student_input_ids", "teacher_input_ids", "student_embedding", "teacher_embedding"]
+        if "q" in sources:
+            required.append("teacher_head")
+        for name in required:
+            if arguments[name] is None:
+                arrows = " and ".join(f"{s}→{'q' if s == 'o' else 'o'}" for s in sorted(sources))
+                raise KdslError(f"the projection {arrows} needs {name}: {_PROJECTOR_ARGUMENTS[name]}; pass {name}=...")
+
+    def _project(self, arguments: dict[str, Any], labels: Tensor, needed: list[Node]):
+        sources = {node.attr("source") for node in needed if node.op == "projection"}
+        if not sources:
+            return None
+        teacher_head = arguments["teacher_head"] if "q" in sources else None
+        if self.aligned:
+            return self.projector.project_aligned(
+                arguments["student_hidden"], arguments["teacher_hidden"],
+                student_labels=labels, teacher_labels=arguments["teacher_labels"],
+                student_head=arguments["student_head"], teacher_head=teacher_head,
+            )
+        return self.projector(
+            arguments["student_hidden"], arguments["teacher_hidden"],
+            student_input_ids=arguments["student_input_ids"], student_labels=labels,
+            teacher_input_ids=arguments["teacher_input_ids"], teacher_labels=arguments["teacher_labels"],
+            student_embedding=arguments["student_embedding"], teacher_embedding=arguments["teacher_embedding"],
+            student_head=arguments["student_head"], teacher_head=teacher_head,
+        )
+
+
+def _logits(logits: Tensor | None, hidden: Tensor | None, head: Tensor | None, side: str) -> Tensor | None:
+    if logits is not None:
+        return logits
+    if hidden is not None and head is not None:
+        return hidden @ head.T
+    return None
+
+
+class _Evaluation:
+    """The values of one call: each node on whole [B, L, ...] tensors, cached per gradient mode."""
+
+    def __init__(self, *, settings, schedule, labels, logits, projection):
+        self.settings = settings
+        self.schedule = schedule
+        self.labels = labels
+        self.logits = logits
+        self.projection = projection
+        self.cache: dict[tuple[str, bool], Tensor] = {}
+
+    def term(self, graph: Graph, term: Node) -> Tensor:
+        loss_node = graph.node(term.inputs[0])
+        # o→q is a trainable prediction only in CE(o→q); in every other loss it is a target.
+        as_target = loss_node.op != "token_nll"
+        side = self.side(graph, loss_node)
+        per_position = self.value(graph, loss_node, as_target)
+        mask = self.labels[side].ne(IGNORE_INDEX)
+        if side == "student" and as_target and self.reads_o_to_q(graph, loss_node):
+            mask = self.projection.kd_mask
+        coefficient = scalars.evaluate_schedule(sympy.sympify(term.attr("coef", 1)), **self.schedule)
+        return coefficient * torch.where(mask, per_position, 0.0).sum()
+
+    @staticmethod
+    def reads_o_to_q(graph: Graph, node: Node) -> bool:
+        return any(n.op == "projection" and n.attr("source") == "o" for n in graph.ancestors(node.name))
+
+    @staticmethod
+    def side(graph: Graph, node: Node) -> str:
+        """Return whose positions a per-position loss lives at: the vocabulary of its distributions decides."""
+        while node.op == "combine":
+            node = graph.node(node.inputs[0])
+        shape = graph.node(node.inputs[0]).type.shape
+        return "teacher" if len(shape) == 3 and shape[2] == "Vt" else "student"
+
+    def value(self, graph: Graph, node: Node, as_target: bool) -> Tensor:
+        key = (node.name, as_target)
+        if key not in self.cache:
+            self.cache[key] = self.emit(graph, node, as_target)
+        return self.cache[key]
+
+    def emit(self, graph: Graph, node: Node, as_target: bool) -> Tensor:
+        inputs = [self.value(graph, graph.node(name), as_target) for name in node.inputs]
+        op = node.op
+        if op == "input":
+            return self.input(node)
+        if op == "valid":
+            return inputs[0].ne(IGNORE_INDEX)
+        if op == "projection":
+            if node.attr("source") == "o":
+                logits = self.projection.o_to_q
+                return logits.detach() if as_target else logits
+            return self.projection.q_to_o
+        if op == "log_softmax":
+            temperature = node.attr("temperature")
+            if temperature is not None:
+                temperature = scalars.evaluate_schedule(temperature, **self.schedule)
+            return numerics.log_softmax(inputs[0], temperature=temperature, top_k=node.attr("top_k"))
+        if op == "mixture":
+            weights = tuple(scalars.evaluate_schedule(w, **self.schedule) for w in node.attr("weights"))
+            return numerics.log_mixture(inputs, weights)
+        if op in ("kl", "cross_entropy", "total_variation"):
+            return getattr(numerics, op)(*inputs)
+        if op == "entropy":
+            return numerics.entropy(inputs[0])
+        if op == "token_nll":
+            logp = inputs[0]
+            labels = self.labels["student" if graph.node(node.inputs[0]).type.shape[2] != "Vt" else "teacher"]
+            return numerics.token_nll(logp, labels)
+        if op == "combine":
+            weights = [scalars.evaluate_schedule(w, **self.schedule) for w in node.attr("weights")]
+            return sum(w * part for w, part in zip(weights, inputs) if w != 0)
+        raise KdslError(f"node %{node.name} ({op}) is not available together with a projection (o→q, q→o)")
+
+    def input(self, node: Node) -> Tensor:
+        role = node.attr("role")
+        if role == "labels":
+            return self.labels["student"]
+        if role in ("student_logits", "teacher_logits"):
+            side = role.split("_")[0]
+            logits = self.logits[side]
+            if logits is None:
+                raise KdslError(f"this objective needs {side}_logits, or {side}_hidden with {side}_head")
+            return logits.detach() if side == "teacher" else logits
+        raise KdslError(f"the input {role} is not available together with a projection (o→q, q→o)")

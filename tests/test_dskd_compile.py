@@ -1,0 +1,167 @@
+"""DSKD's Dual-Space KD criteria written as kdsl specs, compiled with `kdsl.compile`, against DSKD's own vectors.
+
+Each `dskd_full_*` case with a projection stores the inputs of one DSKD
+criterion call, its loss, logged values and gradients. The spec text of each
+case is the kdsl spelling of that criterion. The compiled objective owns the
+projector, and its weights load from the case file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdsl
+from kdsl.errors import KdslError
+from kdsl.projected import ProjectedObjective
+from kdsl.projection import DualSpaceProjector
+
+VECTORS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "vectors"
+RTOL, ATOL = 1e-5, 1e-6
+
+HEADER = 'projection.compat = "dskd"\n'
+CROSS = HEADER + "projection.accuracy_gate = true\n"
+ALIGNED = HEADER + 'projection.attention = "aligned"\n'
+
+# The kdsl spec of each DSKD criterion call, and its kd_rate r.
+SPECS = {
+    "dskd_full_cma_fkl_S7_T7_Vs11_Vt257": (
+        CROSS + "objective = 0.1·CE + 0.9·(CE(o→q) + KL(o→q ‖ q) + KL(o ‖ q→o))", 0.9),
+    "dskd_full_cma_fkl_S7_T9_Vs11_Vt13": (
+        CROSS + "objective = 0.5·CE + 0.5·(CE(o→q) + KL(o→q ‖ q) + KL(o ‖ q→o))", 0.5),
+    "dskd_full_cma_rkl_S7_T9_Vs11_Vt13_T2": (
+        CROSS + "objective = 0.5·CE + 0.5·(CE(o→q) + KL(q[τ=2] ‖ o→q[τ=2]) + KL(o[τ=2] ‖ q→o[τ=2]))", 0.5),
+    "dskd_full_dual_space_kd_fkl_sameV": (
+        ALIGNED + "objective = 0.5·CE + 0.5·(CE(o→q) + KL(o→q ‖ q) + KL(o ‖ q→o))", 0.5),
+}
+
+pytestmark = pytest.mark.skipif(
+    not all((VECTORS / f"{name}.json").exists() for name in SPECS), reason=f"no dskd_full_* reference vectors under {VECTORS}"
+)
+
+
+def load_case(name: str):
+    from safetensors.torch import load_file
+
+    meta = json.loads((VECTORS / f"{name}.json").read_text())
+    inputs = load_file(VECTORS / meta["inputs_file"])
+    outputs = load_file(VECTORS / meta["outputs_file"])
+    teacher_type = meta["call"]["distiller"]["teacher_model_type"]
+    return meta, inputs, outputs, teacher_type
+
+
+def compile_case(name: str, inputs: dict, meta: dict):
+    spec, _ = SPECS[name]
+    cross = "aligned" not in spec
+    projector = DualSpaceProjector(
+        inputs["student_hidden"].shape[-1], inputs["teacher_hidden"].shape[-1],
+        cross_attention=cross, compat="dskd", accuracy_gate=cross,
+    )
+    projector.load_pretrained(VECTORS / meta["inputs_file"], strict=False)
+    return kdsl.compile(spec, projector=projector)
+
+
+def call_case(compiled, inputs: dict, teacher_type: str, student_hidden, student_head):
+    return compiled(
+        labels=inputs["label"],
+        teacher_labels=inputs[f"teacher_{teacher_type}_label"],
+        student_hidden=student_hidden,
+        student_head=student_head,
+        teacher_hidden=inputs["teacher_hidden"],
+        teacher_head=inputs["teacher_lm_head"],
+        student_input_ids=inputs["input_ids"],
+        teacher_input_ids=inputs[f"teacher_{teacher_type}_input_ids"],
+        student_embedding=inputs["student_embed"],
+        teacher_embedding=inputs["teacher_embed"],
+    )
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_compiled_dskd_matches(name):
+    meta, inputs, outputs, teacher_type = load_case(name)
+    compiled = compile_case(name, inputs, meta)
+    assert isinstance(compiled, ProjectedObjective)
+    hidden = inputs["student_hidden"].clone().requires_grad_(True)
+    head = inputs["student_lm_head"].clone().requires_grad_(True)
+
+    result = call_case(compiled, inputs, teacher_type, hidden, head)
+    torch.testing.assert_close(result.loss.detach(), outputs["loss"], rtol=RTOL, atol=ATOL)
+
+    _, rate = SPECS[name]
+    torch.testing.assert_close(result.terms["CE"].double(), (1 - rate) * outputs["log_nll_loss"].double(), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(result.terms["CE(o→q)"].double(), rate * outputs["log_t2s_ce_loss"].double(), rtol=RTOL, atol=ATOL)
+
+    named = {"student_hidden": hidden, "student_lm_head": head}
+    for parameter_name, parameter in compiled.projector.named_parameters():
+        projector_name, _, kind = parameter_name.partition(".0.")
+        named[f"proj_{projector_name}_{kind}"] = parameter
+    recorded = sorted(key[len("grad_"):] for key in outputs if key.startswith("grad_") and not key.endswith("_is_none"))
+    assert recorded and set(recorded) <= set(named)
+    grads = torch.autograd.grad(result.loss, [named[key] for key in recorded], allow_unused=True)
+    for key, grad in zip(recorded, grads):
+        assert grad is not None, f"{key} got no gradient"
+        torch.testing.assert_close(grad, outputs[f"grad_{key}"], rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"grad_{k}: {m}")
+
+
+def test_projector_is_a_submodule():
+    compiled = kdsl.compile("objective = CE + CE(o→q) + KL(o ‖ q→o)", hidden_sizes=(4, 6))
+    names = {name for name, _ in compiled.named_parameters()}
+    assert {"projector.t2s.0.weight", "projector.s2t.0.weight", "projector.query.0.weight"} <= names
+    state = compiled.state_dict()
+    assert "projector.t2s.0.weight" in state
+    restored = kdsl.compile("objective = CE + CE(o→q) + KL(o ‖ q→o)", hidden_sizes=(4, 6))
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored.projector.t2s[0].weight, compiled.projector.t2s[0].weight)
+
+
+def test_projection_runs_once_per_call(monkeypatch):
+    compiled = kdsl.compile("objective = CE(o→q) + KL(o→q[τ=2] ‖ q[τ=2]) + KL(o ‖ q→o)", hidden_sizes=(4, 6))
+    calls = []
+    original = DualSpaceProjector.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DualSpaceProjector, "forward", counting)
+    generator = torch.Generator().manual_seed(0)
+    batch, student_length, teacher_length = 2, 5, 6
+    labels = torch.randint(0, 7, (batch, student_length), generator=generator)
+    labels[0, 0] = -100
+    teacher_labels = torch.randint(0, 9, (batch, teacher_length), generator=generator)
+    result = compiled(
+        labels=labels, teacher_labels=teacher_labels,
+        student_hidden=torch.randn(batch, student_length, 4, generator=generator, requires_grad=True),
+        student_head=torch.randn(7, 4, generator=generator),
+        teacher_hidden=torch.randn(batch, teacher_length, 6, generator=generator),
+        teacher_head=torch.randn(9, 6, generator=generator),
+        student_input_ids=torch.randint(0, 7, (batch, student_length), generator=generator),
+        teacher_input_ids=torch.randint(0, 9, (batch, teacher_length), generator=generator),
+        student_embedding=torch.randn(7, 4, generator=generator),
+        teacher_embedding=torch.randn(9, 6, generator=generator),
+    )
+    assert calls == [1]
+    assert set(result.terms) == {"CE(o→q)", "KL(o→q[τ=2]‖q[τ=2])", "KL(o‖q→o)"}
+    assert torch.isfinite(result.loss)
+
+
+def test_missing_projection_input_named():
+    compiled = kdsl.compile("objective = CE(o→q)", hidden_sizes=(4, 6))
+    labels = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(KdslError, match="teacher_labels"):
+        compiled(labels=labels, student_hidden=torch.randn(1, 3, 4), teacher_hidden=torch.randn(1, 4, 6),
+                 student_head=torch.randn(5, 4))
+
+
+def test_projector_required_at_compile():
+    with pytest.raises(KdslError, match="hidden_sizes"):
+        kdsl.compile("objective = CE(o→q)")
+
+
+def test_projector_settings_must_match():
+    projector = DualSpaceProjector(4, 6, compat="masked")
+    with pytest.raises(KdslError, match="projection.compat"):
+        kdsl.compile('projection.compat = "dskd"\nobjective = CE(o→q)', projector=projector)
