@@ -1,0 +1,74 @@
+"""A training batch in the teacher's own tokens, for a teacher and a student with different tokenizers.
+
+The student batch is right-padded, with `labels` equal to `input_ids` on
+response tokens and -100 on prompt and padding (the layout of
+`kdsl.samplers.Batch`). `teacher_batch` decodes each row's prompt and
+response with the student tokenizer and encodes the text with the teacher
+tokenizer, so the teacher never reads student ids. The result has the same
+layout, and the trainer shifts both batches the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdsl.errors import ConfigError
+from kdsl.projection import retokenize
+
+__all__ = ["TeacherBatch", "teacher_batch"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TeacherBatch:
+    """The teacher's tokens of a student batch: right-padded ids, attention mask and labels, each [B, L_t]."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def teacher_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                  student_tokenizer, teacher_tokenizer) -> TeacherBatch:
+    """Re-encode each row's prompt and response of a student batch with the teacher tokenizer.
+
+    The prompt is the run of attended tokens before the first label, and the
+    response the tokens with labels. A response that ends with the student's
+    EOS ends with the teacher's EOS (`kdsl.projection.retokenize`).
+    """
+    if input_ids.shape != labels.shape or input_ids.shape != attention_mask.shape:
+        raise ConfigError(f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and labels "
+                          f"{tuple(labels.shape)} must have one shape [batch, length]")
+    pad_id = teacher_tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = teacher_tokenizer.eos_token_id
+    if pad_id is None:
+        raise ConfigError("the teacher tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token before training")
+
+    rows = []
+    for row in range(input_ids.shape[0]):
+        attended = attention_mask[row].bool()
+        scored = labels[row].ne(IGNORE_INDEX)
+        prompt = input_ids[row][attended & ~scored].tolist()
+        response = input_ids[row][scored].tolist()
+        prompt_text = student_tokenizer.decode(prompt, skip_special_tokens=True)
+        teacher_prompt = list(teacher_tokenizer(prompt_text, add_special_tokens=False)["input_ids"]) if prompt_text else []
+        teacher_response = []
+        if response:
+            teacher_response = retokenize(response, student_tokenizer, teacher_tokenizer, context_ids=prompt).teacher_ids
+        rows.append((teacher_prompt, teacher_response))
+
+    width = max(max(len(p) + len(r) for p, r in rows), 1)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    teacher_labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (prompt, response) in enumerate(rows):
+        sequence = prompt + response
+        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, : len(sequence)] = 1
+        teacher_labels[row, len(prompt) : len(sequence)] = torch.tensor(response, dtype=torch.long)
+    device = input_ids.device
+    return TeacherBatch(ids.to(device), mask.to(device), teacher_labels.to(device))

@@ -1,0 +1,60 @@
+"""Student batches re-encoded with a different teacher tokenizer: the builtin Unigram student and BPE teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdsl import models
+from kdsl.errors import ConfigError
+from kdsl.samplers import PairEncoder, collate
+from kdsl.teacher_tokens import teacher_batch
+
+PAIRS = [("First Citizen:", " Before we proceed any further, hear me speak."),
+         ("ROMEO:", " But soft, what light through yonder window breaks?")]
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return models.load_tokenizer("builtin:tiny-student-unigram"), models.load_tokenizer("builtin:tiny-teacher")
+
+
+def student_batch(student_tokenizer):
+    encoder = PairEncoder(student_tokenizer, 32, 32)
+    examples = [encoder.encode(prompt, response) for prompt, response in PAIRS]
+    return collate(examples, student_tokenizer.pad_token_id if student_tokenizer.pad_token_id is not None
+                   else student_tokenizer.eos_token_id)
+
+
+def test_teacher_batch_text_matches(tokenizers):
+    student_tokenizer, teacher_tokenizer = tokenizers
+    batch = student_batch(student_tokenizer)
+    teacher = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels, student_tokenizer, teacher_tokenizer)
+    for row in range(len(PAIRS)):
+        student_response = batch.input_ids[row][batch.labels[row] != -100].tolist()
+        teacher_response = teacher.labels[row][teacher.labels[row] != -100].tolist()
+        assert teacher_tokenizer.decode(teacher_response, skip_special_tokens=True) == \
+            student_tokenizer.decode(student_response, skip_special_tokens=True)
+        assert teacher_response[-1] == teacher_tokenizer.eos_token_id
+        attended = teacher.input_ids[row][teacher.attention_mask[row].bool()].tolist()
+        assert teacher_tokenizer.decode(attended, skip_special_tokens=True).startswith(PAIRS[row][0])
+
+
+def test_teacher_batch_layout(tokenizers):
+    student_tokenizer, teacher_tokenizer = tokenizers
+    batch = student_batch(student_tokenizer)
+    teacher = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels, student_tokenizer, teacher_tokenizer)
+    assert teacher.input_ids.shape == teacher.labels.shape == teacher.attention_mask.shape
+    scored = teacher.labels != -100
+    assert torch.equal(teacher.labels[scored], teacher.input_ids[scored])
+    assert bool((teacher.attention_mask[scored] == 1).all())
+    assert int(teacher.input_ids.max()) < len(teacher_tokenizer)
+    assert student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab()
+    assert teacher.input_ids.shape[1] != batch.input_ids.shape[1] or not torch.equal(teacher.input_ids, batch.input_ids)
+
+
+def test_teacher_batch_shape_mismatch(tokenizers):
+    student_tokenizer, teacher_tokenizer = tokenizers
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ConfigError, match="one shape"):
+        teacher_batch(ids, torch.ones(1, 3, dtype=torch.long), ids, student_tokenizer, teacher_tokenizer)
