@@ -798,8 +798,16 @@ def compile_objective(objective: Objective) -> torch.nn.Module:
     """Compile a checked objective into its torch module."""
     from kdsl.ir import build
     from kdsl.lower import lower
+    from kdsl.projected import has_projection
 
-    return lower(build(objective), objective)
+    graph = build(objective)
+    if has_projection(graph):
+        # NOTE: the trainer feeds one token stream and passes no hidden states, ids or embeddings to the loss.
+        raise ConfigError(
+            "kdsl run cannot train objectives with o→q or q→o yet: the trainer does not pass the projection inputs; "
+            "compile the spec with kdsl.compile(spec, hidden_sizes=(student, teacher)) and call it in your own loop"
+        )
+    return lower(graph, objective)
 
 
 # --- The public entry point ------------------------------------------------------------

@@ -165,3 +165,12 @@ def test_projector_settings_must_match():
     projector = DualSpaceProjector(4, 6, compat="masked")
     with pytest.raises(KdslError, match="projection.compat"):
         kdsl.compile('projection.compat = "dskd"\nobjective = CE(o→q)', projector=projector)
+
+
+def test_trainer_rejects_projection_objective():
+    from kdsl.errors import ConfigError
+    from kdsl.train import compile_objective
+
+    objective = kdsl.load(str(Path(__file__).resolve().parents[1] / "specs" / "dskd.kd"))
+    with pytest.raises(ConfigError, match="kdsl run cannot train objectives with o→q or q→o yet"):
+        compile_objective(objective)
