@@ -47,9 +47,14 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
 
     source = _resolve(name)
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as error:
         raise _not_found(name, "tokenizer", error) from None
+    # A model folder saved without its tokenizer files loads as an empty tokenizer instead of failing.
+    if len(tokenizer) <= 1:
+        raise ConfigError(f"no tokenizer found for {name!r}: the folder has no tokenizer files; "
+                          "save the tokenizer next to the model (tokenizer.save_pretrained(folder))")
+    return tokenizer
 
 
 def load_model(name: str, *, dtype=None, trust_remote_code: bool = False) -> PreTrainedModel:
