@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import sympy
 import torch
 from torch import Tensor, nn
 
@@ -269,7 +268,8 @@ class _Evaluation:
         mask = self.labels[side].ne(IGNORE_INDEX)
         if side == "student" and as_target and self.reads_o_to_q(graph, loss_node):
             mask = self.projection.kd_mask
-        coefficient = scalars.evaluate_schedule(sympy.sympify(term.attr("coef", 1)), **self.schedule)
+        constant = term.attr("coef")  # a sympy number built by the checker, or None for 1
+        coefficient = 1.0 if constant is None else scalars.evaluate_schedule(constant, **self.schedule)
         return coefficient * torch.where(mask, per_position, 0.0).sum()
 
     @staticmethod
