@@ -16,6 +16,7 @@ MODELS: dict[str, Path] = {
     "tiny-teacher": ROOT / "models" / "tiny-teacher",
     "tiny-student": ROOT / "models" / "tiny-student",
     "tiny-student-unigram": ROOT / "models" / "tiny-student-unigram",
+    "tiny-ref": ROOT / "models" / "tiny-ref",
 }
 TOKENIZERS: dict[str, Path] = {
     "bpe-4096": ROOT / "tokenizers" / "bpe-4096",
