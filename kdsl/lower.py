@@ -2,20 +2,20 @@
 
 Fused evaluation (the default) visits the valid tokens of a batch (labels
 other than -100) in chunks of at most `train.chunk_size` rows and at most
-`max_chunk_elements` logits per model. For each chunk it
-builds the student's logits rows (gathered from `student_logits`, or
-computed from `student_hidden @ student_head.T`), evaluates every term of
-the selected sampling groups on them, and takes the gradient of the chunk's
-share of the loss with respect to those logits rows right away with
-`torch.autograd.grad`. Nothing of the chunk is kept: the backward pass of
-the returned loss only scales the precomputed gradients by the incoming
-gradient (`_PrecomputedGradients`). So no full-vocabulary tensor exists for
-more than one chunk at a time, beyond the inputs and their gradients.
+`max_chunk_elements` logits per model. For each chunk it builds the
+student's logits rows, gathered from `student_logits` or computed as
+`student_hidden @ student_head.T`. It evaluates every term of the selected
+sampling groups on them and at once takes the gradient of the chunk's share
+of the loss with respect to those rows (`torch.autograd.grad`). Nothing of
+the chunk is kept, because the backward pass of the returned loss only
+scales the precomputed gradients (`_PrecomputedGradients`). So no
+full-vocabulary tensor exists for more than one chunk at a time, beyond the
+inputs and their gradients.
 
 Dense evaluation (`fused=False`) evaluates the same nodes on all valid rows
 at once with ordinary autograd. Tests and the benchmark compare the two.
 
-Each node kind has one small emitter (`_EMITTERS`); the chunk loop runs the
+Each node kind has one small emitter (`_EMITTERS`). The chunk loop runs the
 emitters of the per-position nodes in graph order.
 """
 
