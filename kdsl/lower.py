@@ -257,7 +257,7 @@ class CompiledObjective(nn.Module):
         self.head_policy = self.settings["head.policy"]
         self.term_keys = _term_keys(graph)
         self._warned_vocab: tuple[int, int] | None = None
-        _check_projections_available(graph)
+        _reject_projections(graph)
 
     def extra_repr(self) -> str:
         text = self.objective.source_text.strip() or "\n".join(term.name for term in self.objective.terms)
@@ -430,15 +430,14 @@ def _role_present(role: str, models: dict[str, _ModelInput]) -> bool:
     raise InternalError(f"unknown input role {role!r}")
 
 
-def _check_projections_available(graph: Graph) -> None:
+def _reject_projections(graph: Graph) -> None:
+    """Raise for a graph with o→q or q→o: `lower()` compiles those to `kdsl.projected.ProjectedObjective`."""
     for node in graph:
         if node.op == "projection":
             arrow = "o→q" if node.attr("source") == "o" else "q→o"
-            # NOTE: the Dual-Space KD projector needs token ids, embeddings and both heads. The call
-            # interface does not take them yet, so objectives with o→q or q→o are rejected.
             raise KdslError(
-                f"the {arrow} projection (Dual-Space KD) is not available in the compiled loss yet; "
-                "write the objective over o and q of one tokenizer, or use ULD for different tokenizers"
+                f"CompiledObjective does not evaluate the {arrow} projection (Dual-Space KD); build the module "
+                "with kdsl.lower.lower(), which returns a ProjectedObjective for objectives with projections"
             )
 
 

@@ -314,6 +314,12 @@ def test_misaligned_logits():
         compiled(student_logits=student[:, :-1], labels=labels)
 
 
+def test_compiled_objective_rejects_projection():
+    obj = objective(Term("KL(o→q ‖ q)", div("KL", ProjectedDist("o"), ModelDist("q"))))
+    with pytest.raises(KdslError, match="CompiledObjective does not evaluate the o→q projection"):
+        CompiledObjective(ir.build(obj), obj)
+
+
 def test_projection_needs_projector():
     obj = objective(Term("KL(o→q ‖ q)", div("KL", ProjectedDist("o"), ModelDist("q"))))
     with pytest.raises(KdslError, match="needs a projector: pass hidden_sizes="):
