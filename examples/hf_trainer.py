@@ -46,7 +46,7 @@ class DistillationTrainer(Trainer):
 
 
 def tokenize_pairs(tokenizer, pairs, max_tokens: int):
-    """Tokenize prompt + response + EOS; labels are -100 on the prompt, so only the response is scored."""
+    """Tokenize prompt + response + EOS with labels of -100 on the prompt, so only the response is scored."""
     rows = []
     for pair in pairs:
         prompt = tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"][-max_tokens:]

@@ -116,7 +116,7 @@ def command_run(args) -> int:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """Return the model folder inside a run directory, or the folder itself if it holds a model."""
+    """Return the model folder inside a run directory, or the folder itself if it contains a model."""
     folder = Path(path)
     if (folder / "config.json").is_file():
         return str(folder)
