@@ -85,7 +85,7 @@ def test_expectation_and_definitions():
     text = render(kdsl.load(str(ROOT / "specs" / "wsgo.kd")))
     assert r"\mathbb{E}_{w \sim 0.5 \, d_{q_\theta} + 0.5 \, d_{\mathrm{data}}}" in text
     assert r"\lambda(t, w) &= e^{-t / 256} \left(1 - o(w_t)\right)" in text
-    assert r"\varphi(\mathrm{epoch}) &= 0.5 \left(1 + \cos\left(\frac{\pi \, \mathrm{epoch}}{3}\right)\right)" in text
+    assert r"\varphi(\mathrm{epoch}) &= 0.5 \left(1 + \cos\left(\frac{\pi \, \mathrm{epoch}}{2}\right)\right)" in text
     assert text.index(r"\lambda(t, w) &=") < text.index(r"\varphi(\mathrm{epoch}) &=")
 
 
