@@ -240,9 +240,10 @@ def train_recipe(name: str, objective: Any, initial: Any, parts: Parts, accelera
     fit = trainer.run()
     total = time.perf_counter() - started
     timing = {
-        "train_seconds": round(total, 1),
-        "sample_seconds": round(trainer.sample_seconds, 1),
-        "heldout_ce_seconds": round(trainer.eval_seconds, 1),
+        # Millisecond resolution: a tiny run's sampling takes well under 0.1 s and must not round to 0.
+        "train_seconds": round(total, 3),
+        "sample_seconds": round(trainer.sample_seconds, 3),
+        "heldout_ce_seconds": round(trainer.eval_seconds, 3),
         "steps": fit.steps,
         "tokens": fit.tokens,
         "final_heldout_ce": measure_heldout_ce(fit.student, parts, config, accelerator),
