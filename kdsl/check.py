@@ -1549,7 +1549,7 @@ def parse_override(setting, raw):
 def check(spec: ast.Spec, overrides: dict[str, Any] | None = None, *, same_vocab: bool | None = None) -> obj.Objective:
     """Validate a parsed spec; raise `SpecError` with every error found.
 
-    `same_vocab` tells whether teacher and student share a tokenizer. False
+    `same_vocab` states whether teacher and student share a tokenizer. False
     makes unprojected comparisons across vocabularies an error, and None
     (unknown) leaves that check to run time.
     """

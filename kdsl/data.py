@@ -11,7 +11,7 @@ Name resolution, in order:
   with the splits `train`, `validation` and `test` (whole plays per split).
 * a local file, loaded with the `datasets` builder of its format: `.json` and
   `.jsonl` (json), `.csv`, `.parquet`, and `.txt` (text). A file is the split
-  `train`. A `.txt` file holds turns separated by blank lines; each pair of
+  `train`. A `.txt` file contains turns separated by blank lines, and each pair of
   adjacent turns is one pair (turn 1 → turn 2, turn 2 → turn 3, ...).
 * a local folder, loaded with `datasets.load_dataset(folder)`, which maps files
   named `train.*`, `validation.*` and `test.*` to those splits.

@@ -1,6 +1,6 @@
 """The one error family of kdsl and the renderer every diagnostic goes through.
 
-A diagnostic has a stable code (`KD101`), a severity, a message that says what
+A diagnostic has a stable code (`KD101`), a severity, a message that states what
 was found and what was expected, a span in the user's text and a hint. It
 renders as
 

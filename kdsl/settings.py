@@ -3,7 +3,7 @@
 Each setting has a type, a default, an optional range and help text. The
 checker rejects unknown names (with the nearest known name as a hint) and
 values of the wrong type or out of range. The trainer reads the resolved
-flat dictionary; it never sees a name that is not declared here.
+flat dictionary; it never receives a name that is not declared here.
 """
 
 from __future__ import annotations
