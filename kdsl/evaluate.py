@@ -251,6 +251,15 @@ def _encode_response(tokenizer: Any, text: str, max_tokens: int) -> tuple[list[i
 def _encode_pairs(
     tokenizer: Any, pairs: list[tuple[str, str]], max_prompt_tokens: int, max_response_tokens: int
 ) -> list[_EncodedPair]:
+    """Encode held-out pairs. A response that fits in `max_response_tokens` ends with the tokenizer's EOS.
+
+    The EOS follows the training encoding (`kdsl.samplers.PairEncoder`), which
+    scores it as a label, so the held-out CE here equals the trainer's
+    `heldout_ce` on the same pairs. NOTE: prompts still differ from training
+    under `data.chat_template` and with tokenizers that add a BOS (kept here).
+    The EOS covers no characters.
+    """
+    eos = tokenizer.eos_token_id
     encoded = []
     for index, (prompt, response) in enumerate(pairs):
         prompt_ids = _encode_prompt(tokenizer, prompt, max_prompt_tokens, index)
@@ -260,6 +269,8 @@ def _encode_pairs(
                 f"pair {index} has an empty response; held-out metrics score response tokens only, "
                 "so remove the pair or give it a response"
             )
+        if eos is not None and len(response_ids) < max_response_tokens:
+            response_ids = response_ids + [eos]
         encoded.append(_EncodedPair(prompt_ids, response_ids, chars))
     return encoded
 
@@ -490,10 +501,12 @@ def heldout_metrics(
     """Compute held-out CE, bits per character and KL(teacher ‖ student) on dataset responses.
 
     Each prompt is cut to its last `max_prompt_tokens` tokens and each response
-    to its first `max_response_tokens`; only response tokens are scored. Bits
-    per character divide the total response NLL in bits by the characters
-    those response tokens cover. With `teacher=None` only CE and BPC are
-    computed. Both models must use `tokenizer`; a head padded past it is cut.
+    to its first `max_response_tokens`; only response tokens are scored. A
+    response that fits is followed by the EOS, which is scored as in training.
+    Bits per character divide the total response NLL in bits (EOS included)
+    by the characters the response tokens cover. With `teacher=None` only CE
+    and BPC are computed. Both models must use `tokenizer`; a head padded past
+    it is cut.
     """
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("max_prompt_tokens", max_prompt_tokens)

@@ -153,12 +153,12 @@ def test_exposure_losses_shape_mismatch_rejected():
 
 
 def _manual_heldout(student, teacher, tokenizer, pairs):
-    """Score each pair alone, without padding: NLL and KL over response positions only."""
+    """Score each pair alone, without padding: NLL and KL over the response tokens and the EOS after them."""
     nll = kl = 0.0
     tokens = chars = 0
     for pair in pairs:
         prompt = tokenizer(pair["prompt"])["input_ids"]
-        response = tokenizer(pair["response"])["input_ids"]
+        response = tokenizer(pair["response"])["input_ids"] + [tokenizer.eos_token_id]
         ids = torch.tensor([prompt + response])
         with torch.no_grad():
             logp_s = torch.log_softmax(student(ids).logits[0].double(), -1)
@@ -189,7 +189,7 @@ def test_heldout_prompt_tokens_never_count(student, tokenizer):
     long = [{"prompt": "a much longer prompt, with many characters", "response": " the end"}]
     first = ev.heldout_metrics(student, None, tokenizer, short)
     second = ev.heldout_metrics(student, None, tokenizer, long)
-    assert first.num_tokens == second.num_tokens == len(" the end")
+    assert first.num_tokens == second.num_tokens == len(" the end") + 1  # the characters and the EOS
     assert first.ce != second.ce
 
 
@@ -216,8 +216,40 @@ def test_heldout_without_teacher(student, tokenizer):
 
 def test_heldout_truncation(student, tokenizer):
     result = ev.heldout_metrics(student, None, tokenizer, PAIRS, max_prompt_tokens=2, max_response_tokens=3)
-    assert result.num_tokens == 3 * len(PAIRS)
+    assert result.num_tokens == 3 * len(PAIRS)  # every response is cut, so none ends with the EOS
     assert result.num_chars == 3 * len(PAIRS)  # one character per token
+
+
+def test_heldout_eos_only_when_response_fits(student, tokenizer):
+    pair = [{"prompt": "a", "response": "abcd"}]
+    fits = ev.heldout_metrics(student, None, tokenizer, pair, max_response_tokens=5)
+    exact = ev.heldout_metrics(student, None, tokenizer, pair, max_response_tokens=4)
+    assert fits.num_tokens == 5  # four characters and the EOS
+    assert exact.num_tokens == 4  # the EOS falls past the limit, as in training
+    assert fits.num_chars == exact.num_chars == 4
+
+
+def test_heldout_ce_matches_trainer_on_builtin():
+    from accelerate import Accelerator
+
+    from kdsl.data import load_pairs
+    from kdsl.models import load_model, load_tokenizer
+    from kdsl.samplers import PairEncoder
+    from kdsl.train import heldout_ce
+
+    tokenizer = load_tokenizer("builtin:tiny-student")
+    model = load_model("builtin:tiny-student").eval()
+    pairs = load_pairs("builtin:shakespeare", "validation").select(range(6))
+    # A limit of 12 tokens cuts some responses (no EOS) and leaves others whole (EOS scored).
+    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in pairs["response"]]
+    assert min(lengths) < 12 <= max(lengths)
+
+    encoder = PairEncoder(tokenizer, max_prompt_tokens=32, max_response_tokens=12)
+    trainer = heldout_ce(Accelerator(cpu=True), model, encoder, pairs, max_pairs=6, batch_size=4)
+    result = ev.heldout_metrics(model, None, tokenizer, pairs, batch_size=3, max_prompt_tokens=32,
+                                max_response_tokens=12)
+    assert result.num_tokens == sum(min(n + 1, 12) for n in lengths)
+    assert result.ce == pytest.approx(trainer, rel=1e-5)
 
 
 def test_heldout_bootstrap_band(student, teacher, tokenizer):
