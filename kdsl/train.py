@@ -54,6 +54,7 @@ from kdsl.samplers import (
     collate,
 )
 from kdsl.settings import SETTINGS
+from kdsl.weight_stats import SequenceWeightStats
 
 # accelerate's adapter of logging.getLogger("kdsl.train") that logs on the main process only.
 logger = get_logger("kdsl.train")
@@ -189,6 +190,7 @@ class Trainer:
             student, self.optimizer = accelerator.prepare(student, self.optimizer)
             compiled = compiled.to(accelerator.device)
         self.student, self.compiled = student, compiled
+        self.weight_stats = SequenceWeightStats.for_module(compiled)  # None unless a term has a sequence weight
 
         self.steps_per_epoch, self.total_steps = count_steps(len(pairs), config, self.world_size)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
@@ -324,11 +326,15 @@ class Trainer:
             student_logits = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         student_logits = student_logits[:, :-1]  # (B, L-1, Vs)
         labels = batch.labels[:, 1:]  # (B, L-1)
-        return self.compiled(
+        result = self.compiled(
             student_logits=student_logits, labels=labels, **frozen,
             epoch=point.epoch, step=point.step, progress=point.progress,
             num_items=num_items, group=group,
         )
+        if self.weight_stats is not None:
+            self.weight_stats.observe(labels, group=group, epoch=point.epoch, step=point.step, progress=point.progress,
+                                      student_logits=student_logits, **frozen)
+        return result
 
     def sync_context(self, last: bool):
         """Skip the gradient all-reduce on every backward of the step but the last."""
@@ -362,6 +368,8 @@ class Trainer:
         record["tokens"] = self.tokens
         record["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
         record["step_seconds"] = seconds
+        if self.weight_stats is not None:
+            record.update(self.weight_stats.collect(self.accelerator))
         for k, groups in enumerate(zip(*micro_batches)):
             record[f"source/{k}"] = ",".join(dict.fromkeys(b.source for b in groups))
         return record
