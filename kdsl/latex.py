@@ -501,7 +501,61 @@ def build(objective: obj.Objective) -> tuple[sympy.Basic, list[tuple[sympy.Basic
         params = [Name(p.id) for p in definition.params]
         head = UserCall(Name(name), *params) if params else Name(name)
         definitions.append((head, builder.build(definition.body)))
-    return builder.build(objective_node.value), definitions
+    tree = builder.build(objective_node.value)
+    clip = _sequence_clip(objective)
+    clipped = _clipped_calls(objective, tree) if clip is not None else None
+    if clipped:
+        tree = _wrap_calls(tree, clipped, NumberLiteral(_format_setting(clip)))
+    return tree, definitions
+
+
+def _sequence_clip(objective: obj.Objective) -> float | None:
+    """Return `rho.clip` when it is set and some term has a sequence weight, else None."""
+    clip = float(objective.settings.get("rho.clip", 0.0) or 0.0)
+    if clip <= 0 or all(term.sequence_weight is None for term in objective.terms):
+        return None
+    return clip
+
+
+def _clipped_calls(objective: obj.Objective, tree) -> set[str] | None:
+    """Return the sequence-weight definitions to print as min(ρ, clip) in the objective, or None.
+
+    `rho.clip` caps the product of a term's sequence-weight factors, so
+    wrapping a call is exact only when every weighted term's sequence weight
+    is one definition called in the objective, and every sequence-weight
+    definition called there is such a weight. Otherwise (inline weights,
+    products of weights, powers of a weight) the result is None and the
+    sentence under the formula states the clip.
+    """
+    sequence_definitions = {name for name, d in objective.definitions.items() if d.kind == "sequence"}
+    called = {
+        node.args[0].name for node in sympy.preorder_traversal(tree)
+        if isinstance(node, UserCall) and node.args[0].name in sequence_definitions
+    }
+    matched: set[str] = set()
+    for term in objective.terms:
+        if term.sequence_weight is None:
+            continue
+        weight = term.sequence_weight.expr
+        name = next((n for n in sorted(called) if _same_weight(objective.definitions[n].body, weight)), None)
+        if name is None:
+            return None
+        matched.add(name)
+    return matched if matched == called else None
+
+
+def _same_weight(body: sympy.Expr, weight: sympy.Expr) -> bool:
+    # The checker merges a term's sequence factors with powsimp, so the body is compared in that form too.
+    return body == weight or sympy.powsimp(body, combine="exp", deep=True) == weight
+
+
+def _wrap_calls(tree, names: set[str], clip: NumberLiteral):
+    """Replace each call of a definition in `names` by min(call, clip), leaving the rest of the tree as built."""
+    if isinstance(tree, UserCall) and tree.args[0].name in names:
+        return MathCall(Name("min"), tree, clip)
+    if isinstance(tree, _Construct):
+        return tree.func(*(_wrap_calls(arg, names, clip) for arg in tree.args))
+    return tree
 
 
 def _syntax(objective: obj.Objective) -> ast.Spec:
@@ -590,6 +644,10 @@ def _where_sentence(objective: obj.Objective, tree) -> str:
                        r"token under the teacher projected into the student's vocabulary")
     if _has_bare_terms(tree):
         clauses.append(r"a term outside $\mathbb{E}$ is an expectation under $w \sim d_{\mathrm{data}}$")
+    clip = _sequence_clip(objective)
+    if clip is not None and not _clipped_calls(objective, tree):  # the formula does not show the clip
+        clauses.append("each term's sequence weight (the product of its factors that depend on the whole response $w$) "
+                       rf"is applied clipped, as $\min(\cdot, {_format_setting(clip)})$")
     clauses.append(REDUCTION_SENTENCES.get(objective.reduction, f"reduction: {objective.reduction}"))
     if len(clauses) == 1:
         return "where " + clauses[0] + "."

@@ -159,6 +159,34 @@ def test_sequence_weight_and_generator():
     assert r"f(x) &= x \, \log\left(x\right)" in text
 
 
+CLIP_REF = 'ref = "builtin:tiny-ref"\nrho.clip = 2\n'
+
+
+def test_clipped_sequence_weight_shown_as_min():
+    text = latex_of(CLIP_REF + "ρ(T, w) = (ref(w) / q(w))^(1/T)\nobjective = E[w ~ d_o] ρ(T, w) · KL(o ‖ q)")
+    assert r"\min\left(\rho(T, w), 2\right) \, D_{\mathrm{KL}}" in text
+    assert r"\rho(T, w) &= \left(\frac{p_{\mathrm{ref}}(w)}{q_\theta(w)}\right)^{1 / T}" in text
+    assert "clipped" not in text  # the formula shows the clip, so the sentence does not repeat it
+
+
+def test_unclipped_sequence_weight_has_no_min():
+    text = latex_of('ref = "builtin:tiny-ref"\nρ(T, w) = (ref(w) / q(w))^(1/T)\nobjective = ρ(T, w) · CE')
+    assert r"\min" not in text
+    assert "clipped" not in text
+
+
+@pytest.mark.parametrize("objective", [
+    "(ref(w) / q(w))^(1/T) · KL(o ‖ q)",  # an inline weight: no call to wrap
+    "ρ(T, w)^2 · KL(o ‖ q) + ρ(T, w) · CE",  # ρ² is clipped as a whole, not min(ρ, 2)²
+    "ρ(T, w) · σ(T, w) · KL(o ‖ q)",  # a product of two weights is clipped as a whole
+])
+def test_clip_stated_in_sentence_when_min_is_inexact(objective):
+    definitions = "ρ(T, w) = (ref(w) / q(w))^(1/T)\nσ(T, w) = exp(-T / 64) · ref(w)\n"
+    text = latex_of(CLIP_REF + definitions + f"objective = {objective}")
+    assert r"\min\left(" not in text
+    assert r"is applied clipped, as $\min(\cdot, 2)$" in text
+
+
 def test_settings_become_values():
     text = latex_of("train.epochs = 4\nφ(epoch) = epoch / train.epochs\nobjective = φ(epoch) · CE")
     assert r"\varphi(\mathrm{epoch}) &= \frac{\mathrm{epoch}}{4}" in text
