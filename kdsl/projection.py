@@ -170,7 +170,7 @@ class DualSpaceProjector(nn.Module):
     @classmethod
     def for_models(cls, student: nn.Module, teacher: nn.Module, **options) -> "DualSpaceProjector":
         """Build a projector sized for two Hugging Face causal language models."""
-        return cls(_hidden_size(student, "student"), _hidden_size(teacher, "teacher"), **options)
+        return cls(model_hidden_size(student, "student"), model_hidden_size(teacher, "teacher"), **options)
 
     def extra_repr(self) -> str:
         return (
@@ -462,7 +462,8 @@ def _read_out(hidden: torch.Tensor, head: nn.Module | torch.Tensor, hidden_size:
     return logits
 
 
-def _hidden_size(model: nn.Module, side: str) -> int:
+def model_hidden_size(model: nn.Module, side: str) -> int:
+    """Return the hidden size of a Hugging Face model from its config; `side` names it in the error."""
     config = getattr(model, "config", None)
     for name in ("hidden_size", "n_embd", "n_embed", "d_model"):
         value = getattr(config, name, None)

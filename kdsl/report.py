@@ -31,10 +31,14 @@ COLUMNS = (
 
 
 def run_report(*, accelerator: Any, out_dir: Path, settings: dict, tokenizer: Any, teacher: Any,
-               initial: Any, distilled: Any, baseline: Any, heldout: Any, print_table: bool = True) -> dict | None:
+               initial: Any, distilled: Any, baseline: Any, heldout: Any, print_table: bool = True,
+               teacher_tokenizer: Any = None) -> dict | None:
     """Evaluate every model of the run on the held-out pairs; write report.json on the main process.
 
-    Returns the report on the main process and None on the others.
+    With `teacher_tokenizer` (a teacher with its own vocabulary) the teacher
+    is scored on its own tokens, and KL(o ‖ q) is left out: the two models
+    have no common positions. Bits per character compare them across
+    tokenizers. Returns the report on the main process and None on the others.
     """
     accelerator.wait_for_everyone()
     report = None
@@ -47,19 +51,29 @@ def run_report(*, accelerator: Any, out_dir: Path, settings: dict, tokenizer: An
         if baseline is not None:
             entries.append(("baseline (CE)", baseline.student, baseline.steps))
         entries.append(("distilled", distilled.student, distilled.steps))
+        two_vocabularies = teacher_tokenizer is not None
         for name, model, steps in entries:
             if model is None:
                 continue
-            metrics = evaluate_model(model.to(device), teacher.to(device), tokenizer, pairs, options)
+            if not two_vocabularies:
+                metrics = evaluate_model(model.to(device), teacher.to(device), tokenizer, pairs, options)
+            elif model is teacher:
+                metrics = evaluate_model(model.to(device), None, teacher_tokenizer, pairs, options)
+            else:
+                metrics = evaluate_model(model.to(device), None, tokenizer, pairs, options)
             rows.append({"model": name, "steps": steps, **metrics})
         report = {
             "heldout_pairs": len(pairs),
+            "tokenizers": "two: the teacher's CE counts its own tokens, compare bits/char" if two_vocabularies else "one",
             "tokens": {"distilled": distilled.tokens, "baseline": baseline.tokens if baseline else None},
             "rows": rows,
         }
         report = finite(report)
         checkpoint.atomic_write_text(Path(out_dir) / "report.json", json.dumps(report, indent=2) + "\n")
         table = format_table(rows)
+        if two_vocabularies:
+            table += ("\nThe teacher has its own tokenizer: its CE is per teacher token and KL(o‖q) is not defined; "
+                      "compare models by bits/char.")
         if print_table:
             print(f"report on {len(pairs)} held-out pairs:\n{table}")
         else:

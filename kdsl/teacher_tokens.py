@@ -32,13 +32,17 @@ class TeacherBatch:
 
 
 def teacher_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                  student_tokenizer, teacher_tokenizer) -> TeacherBatch:
+                  student_tokenizer, teacher_tokenizer, *, max_length: int | None = None) -> TeacherBatch:
     """Re-encode each row's prompt and response of a student batch with the teacher tokenizer.
 
     The prompt is the run of attended tokens before the first label, and the
     response the tokens with labels. A response that ends with the student's
-    EOS ends with the teacher's EOS (`kdsl.projection.retokenize`).
+    EOS ends with the teacher's EOS (`kdsl.projection.retokenize`). A row
+    longer than `max_length` teacher tokens loses prompt tokens from its start
+    first, then response tokens from its end.
     """
+    if max_length is not None and max_length < 1:
+        raise ConfigError(f"max_length = {max_length} must be a positive number of teacher tokens, or None")
     if input_ids.shape != labels.shape or input_ids.shape != attention_mask.shape:
         raise ConfigError(f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and labels "
                           f"{tuple(labels.shape)} must have one shape [batch, length]")
@@ -59,6 +63,10 @@ def teacher_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels:
         teacher_response = []
         if response:
             teacher_response = retokenize(response, student_tokenizer, teacher_tokenizer, context_ids=prompt).teacher_ids
+        if max_length is not None and len(teacher_prompt) + len(teacher_response) > max_length:
+            keep_prompt = max(max_length - len(teacher_response), 0)
+            teacher_prompt = teacher_prompt[len(teacher_prompt) - keep_prompt :] if keep_prompt else []
+            teacher_response = teacher_response[: max_length - len(teacher_prompt)]
         rows.append((teacher_prompt, teacher_response))
 
     width = max(max(len(p) + len(r) for p, r in rows), 1)

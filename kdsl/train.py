@@ -33,14 +33,17 @@ from kdsl.objective import (
     LOG_O_SEQ,
     LOG_O_TOKEN,
     LOG_REF_SEQ,
+    AdaptiveSource,
     DataSource,
     Divergence,
     FunctionDef,
     MixtureDist,
+    MixtureSource,
     ModelDist,
     Objective,
     ProjectedDist,
     Scalar,
+    TeacherSource,
     Term,
 )
 from kdsl.samplers import (
@@ -161,8 +164,11 @@ class Trainer:
 
     def __init__(self, *, name: str, objective: Objective, compiled: torch.nn.Module, student: Any,
                  teacher: Any, tokenizer: Any, pairs: Any, heldout: Any, config: TrainConfig,
-                 accelerator: Any, run_dir: Path, ref: Any = None, progress_bar: bool = True):
+                 accelerator: Any, run_dir: Path, ref: Any = None, progress_bar: bool = True,
+                 teacher_tokenizer: Any = None):
         self.name = name
+        self.teacher_tokenizer = teacher_tokenizer
+        self.projected = hasattr(compiled, "projector")
         self.objective = objective
         self.config = config
         self.accelerator = accelerator
@@ -180,7 +186,11 @@ class Trainer:
                 setting = "teacher" if role == "teacher_logits" else "ref"
                 raise ConfigError(f"the objective reads the {setting} model but none is loaded: set {setting} = \"...\"")
 
+        if self.projected and teacher is None:
+            raise ConfigError('the objective projects between the teacher and the student (o→q, q→o) but no teacher '
+                              'is loaded: set teacher = "..."')
         self.teacher = freeze(teacher).to(accelerator.device) if teacher is not None else None
+        self.teacher_positions = position_limit(teacher) if teacher is not None else None
         self.ref = freeze(ref).to(accelerator.device) if ref is not None else None
         self.optimizer = build_optimizer(student, compiled, config)
         self.has_objective_parameters = any(True for _ in compiled.parameters())
@@ -316,6 +326,8 @@ class Trainer:
 
     def forward(self, batch: Batch, group: int, num_items: int, point: DrawPoint) -> Any:
         """Teacher forward without gradient, student forward, compiled loss of one group."""
+        if self.projected or (self.teacher_tokenizer is not None and "teacher_logits" in self.inputs[group]):
+            return self.forward_two_streams(batch, group, num_items, point)
         frozen = {}
         for role, model in (("teacher_logits", self.teacher), ("ref_logits", self.ref)):
             if role in self.inputs[group]:
@@ -335,6 +347,50 @@ class Trainer:
             self.weight_stats.observe(labels, group=group, epoch=point.epoch, step=point.step, progress=point.progress,
                                       student_logits=student_logits, **frozen)
         return result
+
+    def forward_two_streams(self, batch: Batch, group: int, num_items: int, point: DrawPoint) -> Any:
+        """Forward of a projected objective: each model reads its own tokens, the loss gets both streams.
+
+        With different tokenizers the teacher reads the batch re-encoded by its
+        own tokenizer (`kdsl.teacher_tokens.teacher_batch`); with one tokenizer
+        it reads the student's ids. Position p of either stream predicts token
+        p + 1, so ids, hidden states and logits drop their last position and
+        labels their first, as in the one-stream forward.
+        """
+        from kdsl.teacher_tokens import teacher_batch
+
+        if self.teacher_tokenizer is not None:
+            stream = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels, self.tokenizer,
+                                   self.teacher_tokenizer, max_length=self.teacher_positions)
+            teacher_ids, teacher_mask, teacher_labels = stream.input_ids, stream.attention_mask, stream.labels
+        else:
+            teacher_ids, teacher_mask, teacher_labels = batch.input_ids, batch.attention_mask, batch.labels
+        with torch.no_grad():
+            teacher_out = self.teacher(input_ids=teacher_ids, attention_mask=teacher_mask,
+                                       output_hidden_states=self.projected)
+        with self.accelerator.autocast():
+            student_out = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                       output_hidden_states=self.projected)
+        inputs = {
+            "student_logits": student_out.logits[:, :-1],
+            "labels": batch.labels[:, 1:],
+            "teacher_logits": teacher_out.logits[:, :-1],
+        }
+        if self.projected:
+            student = self.accelerator.unwrap_model(self.student)
+            inputs.update(
+                teacher_labels=teacher_labels[:, 1:],
+                student_hidden=student_out.hidden_states[-1][:, :-1],
+                teacher_hidden=teacher_out.hidden_states[-1][:, :-1],
+                student_input_ids=batch.input_ids[:, :-1],
+                teacher_input_ids=teacher_ids[:, :-1],
+                student_embedding=student.get_input_embeddings(),
+                teacher_embedding=self.teacher.get_input_embeddings(),
+                student_head=student.get_output_embeddings().weight,
+                teacher_head=self.teacher.get_output_embeddings().weight,
+            )
+        return self.compiled(**inputs, epoch=point.epoch, step=point.step, progress=point.progress,
+                             num_items=num_items, group=group)
 
     def sync_context(self, last: bool):
         """Skip the gradient all-reduce on every backward of the step but the last."""
@@ -403,8 +459,18 @@ class Trainer:
             state = self.accelerator.get_state_dict(self.student)
         if self.accelerator.is_main_process:
             save_directory(model, self.run_dir / "student", state_dict=state, tokenizer=self.tokenizer)
+            if self.projected:
+                self.save_projector()
         self.accelerator.wait_for_everyone()
         return model
+
+    def save_projector(self) -> None:
+        """Write the trained projector to `run_dir/projector.safetensors` (a `projection.init` file), atomically."""
+        projector = self.accelerator.unwrap_model(self.compiled).projector
+        target = self.run_dir / "projector.safetensors"
+        temporary = target.with_name(target.name + ".tmp")
+        projector.save_pretrained(temporary)
+        os.replace(temporary, target)
 
 
 def save_directory(model: Any, target: Path, *, state_dict: dict | None = None, tokenizer: Any = None) -> None:
@@ -722,6 +788,7 @@ class Parts:
     pairs: Any
     heldout: Any
     ref: Any = None
+    teacher_tokenizer: Any = None  # None when the teacher reads the student's tokens
 
 
 def load_parts(settings: dict, config: TrainConfig, given: Parts) -> Parts:
@@ -740,6 +807,7 @@ def load_parts(settings: dict, config: TrainConfig, given: Parts) -> Parts:
             parts.teacher = models.load_model(settings["teacher"], dtype=dtype, trust_remote_code=trust)
         if parts.ref is None and settings.get("ref"):
             parts.ref = models.load_model(settings["ref"], dtype=dtype, trust_remote_code=trust)
+    parts.teacher_tokenizer = own_teacher_tokenizer(settings, parts, teacher_loaded=given.teacher is None)
     if parts.pairs is None or parts.heldout is None:
         from kdsl import data
 
@@ -757,6 +825,63 @@ def load_parts(settings: dict, config: TrainConfig, given: Parts) -> Parts:
             logger.info("%s has no validation or test split: holding out %d of its training pairs",
                         settings["data"], len(parts.heldout))
     return parts
+
+
+def own_teacher_tokenizer(settings: dict, parts: Parts, *, teacher_loaded: bool) -> Any:
+    """Return the teacher's tokenizer when its vocabulary differs from the student's, else None.
+
+    A tokenizer passed in `parts.teacher_tokenizer` wins. A teacher loaded
+    from the `teacher` setting (`teacher_loaded`) comes with that setting's
+    tokenizer when it is available locally. A teacher model passed without a
+    tokenizer, or whose tokenizer cannot be found, reads the student's tokens.
+    """
+    from kdsl import models
+
+    tokenizer = parts.teacher_tokenizer
+    if tokenizer is None and teacher_loaded and parts.teacher is not None and settings.get("teacher"):
+        try:
+            tokenizer = models.load_tokenizer(settings["teacher"], trust_remote_code=bool(settings.get("trust_remote_code")))
+        except (ConfigError, OSError, ValueError) as error:
+            logger.info("no tokenizer found for teacher %s (%s): the teacher reads the student's tokens",
+                        settings["teacher"], error)
+            return None
+    if tokenizer is None or tokenizer.get_vocab() == parts.tokenizer.get_vocab():
+        return None
+    return tokenizer
+
+
+def reads_teacher_generation(source: Any) -> bool:
+    """Return whether a sampling source draws responses generated by the teacher (d_o)."""
+    if isinstance(source, TeacherSource):
+        return True
+    if isinstance(source, MixtureSource):
+        return any(reads_teacher_generation(component) for _, component in source.components)
+    if isinstance(source, AdaptiveSource):
+        return reads_teacher_generation(source.student) or reads_teacher_generation(source.data)
+    return False
+
+
+def check_cross_vocab(objective: Objective, compiled: torch.nn.Module, parts: Parts) -> None:
+    """Reject what a run with two tokenizers cannot do, naming the fix."""
+    if parts.teacher_tokenizer is None:
+        return
+    projected = hasattr(compiled, "projector")
+    student_name = objective.settings.get("student", "the student")
+    teacher_name = objective.settings.get("teacher", "the teacher")
+    for group, source in enumerate(objective.groups):
+        if reads_teacher_generation(source):
+            raise ConfigError(
+                f"the teacher {teacher_name} and the student {student_name} use different tokenizers, and sampling "
+                f"group {group} draws teacher-generated responses (d_o), which kdsl run does not re-encode for the "
+                "student yet; sample from d_data or d_q, or use a teacher with the student's tokenizer"
+            )
+    if not projected and "teacher_logits" in set().union(*(group_inputs(compiled, objective, k)
+                                                             for k in range(len(objective.groups)))):
+        raise ConfigError(
+            f"the teacher {teacher_name} and the student {student_name} use different tokenizers, but the objective "
+            "compares their distributions position by position; project one side into the other's vocabulary "
+            "(KL(o→q ‖ q), KL(o ‖ q→o)) or choose a teacher with the student's tokenizer"
+        )
 
 
 def split_heldout(pairs: Any, max_pairs: int, seed: int) -> tuple[Any, Any]:
@@ -779,9 +904,15 @@ def load_heldout(data: Any, name: str, seed: int, fields: dict) -> Any:
     return None
 
 
+def position_limit(model: Any) -> int | None:
+    """Return how many positions the model's position table holds, or None when it sets no limit."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def check_lengths(model: Any, config: TrainConfig, settings: dict, role: str) -> None:
     """Reject prompt and response lengths the model's position table cannot hold."""
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = position_limit(model)
     if limit is None:
         return
     response = max(config.max_response_tokens, int(settings.get("sgo.max_new_tokens", 64)))
@@ -802,33 +933,63 @@ def baseline_objective(objective: Objective) -> Objective:
     )
 
 
-def compile_objective(objective: Objective) -> torch.nn.Module:
-    """Compile a checked objective into its torch module."""
+def needs_models(objective: Objective) -> bool:
+    """Return whether compiling `objective` needs the models (its projector is sized by their hidden states)."""
+    from kdsl.ir import build
+    from kdsl.projected import has_projection
+
+    return has_projection(build(objective))
+
+
+def compile_objective(objective: Objective, student: Any = None, teacher: Any = None) -> torch.nn.Module:
+    """Compile a checked objective into its torch module.
+
+    An objective with o→q or q→o gets a projector sized for `student` and
+    `teacher`, started from `projection.init` when that setting names a file.
+    """
     from kdsl.ir import build
     from kdsl.lower import lower
     from kdsl.projected import has_projection
 
     graph = build(objective)
-    if has_projection(graph):
-        # NOTE: the trainer feeds one token stream and passes no hidden states, ids or embeddings to the loss.
-        raise ConfigError(
-            "kdsl run cannot train objectives with o→q or q→o yet: the trainer does not pass the projection inputs; "
-            "compile the spec with kdsl.compile(spec, hidden_sizes=(student, teacher)) and call it in your own loop"
-        )
-    return lower(graph, objective)
+    if not has_projection(graph):
+        return lower(graph, objective)
+    if student is None or teacher is None:
+        raise ConfigError("this objective projects between vocabularies (o→q, q→o): compile it with the student and "
+                          "the teacher loaded (compile_objective(objective, student, teacher)) so the projector fits them")
+    from kdsl.projected import build_projector
+    from kdsl.projection import model_hidden_size
+    from kdsl.settings import defaults
+
+    settings = {**defaults(), **objective.settings}
+    sizes = (model_hidden_size(student, "student"), model_hidden_size(teacher, "teacher"))
+    projector = build_projector(settings, sizes, None)
+    init = settings.get("projection.init") or ""
+    if init:
+        if not Path(init).is_file():
+            raise ConfigError(f"projection.init = {init!r} is not a file; pass a projector saved by kdsl "
+                              "(run_dir/projector.safetensors) or DSKD's projector.pt, or leave it empty")
+        ignored = projector.load_pretrained(init)
+        if ignored:
+            logger.warning("projection.init: ignored keys %s", ", ".join(ignored))
+    return lower(graph, objective, projector=projector)
 
 
 # --- The public entry point ------------------------------------------------------------
 
 
-def train(objective: Objective, compiled: torch.nn.Module, *, out_dir: str | Path, student: Any = None,
+def train(objective: Objective, compiled: torch.nn.Module | None, *, out_dir: str | Path, student: Any = None,
           teacher: Any = None, tokenizer: Any = None, pairs: Any = None, heldout: Any = None, ref: Any = None,
-          baseline_compiled: torch.nn.Module | None = None, resume: bool = False,
+          teacher_tokenizer: Any = None, baseline_compiled: torch.nn.Module | None = None, resume: bool = False,
           progress_bar: bool = True) -> TrainResult:
     """Distil `teacher` into `student` with `compiled`, train the CE baseline, write the report.
 
-    Models, tokenizer and data not passed are loaded from the objective's
-    settings. `out_dir` receives spec.kd, settings.json, versions.json,
+    Models, tokenizers and data not passed are loaded from the objective's
+    settings. `compiled=None` compiles the objective once the models are
+    loaded (an objective with o→q or q→o needs them for its projector). When
+    the teacher's tokenizer (`teacher_tokenizer`, else the teacher setting's)
+    has another vocabulary than the student's, the teacher reads every batch
+    re-encoded by its own tokenizer. `out_dir` receives spec.kd, settings.json, versions.json,
     metrics.jsonl, tensorboard/, checkpoints/, student/, baseline/ and
     report.json. With `resume=True`, each stage restarts from its newest
     checkpoint, or is skipped when its student is already saved. A resumed
@@ -853,9 +1014,15 @@ def train(objective: Objective, compiled: torch.nn.Module, *, out_dir: str | Pat
         write_run_files(out_dir, objective)
 
     set_seed(config.seed)
-    parts = load_parts(objective.settings, config, Parts(student, teacher, tokenizer, pairs, heldout, ref))
+    parts = load_parts(objective.settings, config,
+                       Parts(student, teacher, tokenizer, pairs, heldout, ref, teacher_tokenizer))
+    if compiled is None:
+        compiled = compile_objective(objective, parts.student, parts.teacher)
+    check_cross_vocab(objective, compiled, parts)
     check_lengths(parts.student, config, objective.settings, "student")
-    check_lengths(parts.teacher, config, objective.settings, "teacher")
+    if parts.teacher_tokenizer is None:
+        # With its own tokenizer the teacher's rows are cut to its positions (kdsl.teacher_tokens).
+        check_lengths(parts.teacher, config, objective.settings, "teacher")
     initial = copy.deepcopy(parts.student)  # the report's "student (initial)" row and the baseline's start
     stages = [("distilled", objective, compiled, parts.student, out_dir)]
     if config.baseline:
@@ -876,7 +1043,7 @@ def train(objective: Objective, compiled: torch.nn.Module, *, out_dir: str | Pat
     report = run_report(
         accelerator=accelerator, out_dir=out_dir, settings=objective.settings, tokenizer=parts.tokenizer,
         teacher=parts.teacher, initial=initial, distilled=fits["distilled"], baseline=fits.get("baseline"),
-        heldout=parts.heldout, print_table=progress_bar,
+        heldout=parts.heldout, print_table=progress_bar, teacher_tokenizer=parts.teacher_tokenizer,
     )
     distilled = fits["distilled"]
     return TrainResult(out_dir, distilled.student, distilled.metrics, distilled.steps,
@@ -904,6 +1071,7 @@ def fit_stage(name: str, objective: Objective, compiled: torch.nn.Module, studen
         name=name, objective=objective, compiled=compiled, student=student, teacher=parts.teacher,
         tokenizer=parts.tokenizer, pairs=parts.pairs, heldout=parts.heldout, config=config,
         accelerator=accelerator, run_dir=run_dir, ref=parts.ref, progress_bar=progress_bar,
+        teacher_tokenizer=parts.teacher_tokenizer,
     )
     if resume:
         checkpoint.restore_checkpoint(trainer)
@@ -927,5 +1095,5 @@ def run(objective: Objective, *, out_dir: str | Path | None = None, resume: str 
     elif out_dir is None:
         stem = Path(objective.path).stem if objective.path and not objective.path.startswith("<") else "run"
         out_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    compiled = compile_objective(objective)
+    compiled = None if needs_models(objective) else compile_objective(objective)
     return train(objective, compiled, out_dir=out_dir, resume=resume is not None, progress_bar=progress_bar)

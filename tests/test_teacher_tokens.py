@@ -58,3 +58,32 @@ def test_teacher_batch_shape_mismatch(tokenizers):
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ConfigError, match="one shape"):
         teacher_batch(ids, torch.ones(1, 3, dtype=torch.long), ids, student_tokenizer, teacher_tokenizer)
+
+
+def test_teacher_batch_cuts_long_rows_to_max_length(tokenizers):
+    student_tokenizer, teacher_tokenizer = tokenizers
+    batch = student_batch(student_tokenizer)
+    full = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels, student_tokenizer, teacher_tokenizer)
+    lengths = full.attention_mask.sum(dim=1).tolist()
+    limit = min(lengths) - 2
+    cut = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels, student_tokenizer, teacher_tokenizer,
+                        max_length=limit)
+    assert cut.input_ids.shape[1] == limit
+    for row in range(len(PAIRS)):
+        full_response = full.labels[row][full.labels[row] != -100].tolist()
+        cut_response = cut.labels[row][cut.labels[row] != -100].tolist()
+        if len(full_response) <= limit:
+            # The prompt loses its first tokens; the response is kept whole.
+            assert cut_response == full_response
+            kept = cut.input_ids[row][cut.attention_mask[row].bool()].tolist()
+            assert kept == full.input_ids[row][full.attention_mask[row].bool()].tolist()[-limit:]
+        else:
+            assert cut_response == full_response[:limit]
+
+
+def test_teacher_batch_rejects_a_zero_max_length(tokenizers):
+    student_tokenizer, teacher_tokenizer = tokenizers
+    batch = student_batch(student_tokenizer)
+    with pytest.raises(ConfigError, match="max_length = 0"):
+        teacher_batch(batch.input_ids, batch.attention_mask, batch.labels, student_tokenizer, teacher_tokenizer,
+                      max_length=0)

@@ -1,0 +1,132 @@
+"""kdsl run with two tokenizers: the builtin Unigram student distilled from the byte-level BPE teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import kdsl
+from kdsl import models
+from kdsl.data import load_pairs
+from kdsl.errors import ConfigError
+from kdsl.train import compile_objective, train
+
+SPECS = Path(__file__).resolve().parents[1] / "specs"
+
+# A few steps on a few pairs: the wiring is under test here, not the learning.
+SMALL = {
+    "train.max_steps": 3,
+    "train.batch_size": 4,
+    "train.baseline": False,
+    "data.max_prompt_tokens": 16,
+    "data.max_response_tokens": 16,
+    "eval.max_pairs": 4,
+    "eval.max_new_tokens": 4,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return {
+        "pairs": load_pairs("builtin:shakespeare", "train", fraction=0.002, seed=0),
+        "heldout": load_pairs("builtin:shakespeare", "validation", fraction=1.0, seed=0).select(range(4)),
+    }
+
+
+def dskd(**overrides):
+    return kdsl.load(SPECS / "dskd.kd", {**SMALL, **overrides}, same_vocab=False)
+
+
+def test_compile_sizes_the_projector_from_the_models():
+    objective = dskd()
+    student = models.load_model("builtin:tiny-student-unigram")
+    teacher = models.load_model("builtin:tiny-teacher")
+    compiled = compile_objective(objective, student, teacher)
+    assert compiled.projector.student_hidden_size == student.config.n_embd == 128
+    assert compiled.projector.teacher_hidden_size == teacher.config.n_embd == 256
+    assert compiled.projector.accuracy_gate is True  # projection.accuracy_gate = true in the spec
+
+
+def test_projection_init_must_name_a_file(tmp_path):
+    objective = dskd(**{"projection.init": str(tmp_path / "missing.safetensors")})
+    student = models.load_model("builtin:tiny-student-unigram")
+    teacher = models.load_model("builtin:tiny-teacher")
+    with pytest.raises(ConfigError, match=r"projection.init = .*missing.safetensors.* is not a file"):
+        compile_objective(objective, student, teacher)
+
+
+def test_run_feeds_each_model_its_own_tokens(data, tmp_path):
+    teacher = models.load_model("builtin:tiny-teacher")
+    student_tokenizer = models.load_tokenizer("builtin:tiny-student-unigram")
+    teacher_tokenizer = models.load_tokenizer("builtin:tiny-teacher")
+    seen: list[torch.Tensor] = []
+
+    def record(module, args, kwargs):
+        if kwargs.get("output_hidden_states"):  # the training forward; the report's calls ask for no hidden states
+            seen.append(kwargs["input_ids"].detach().clone())
+
+    handle = teacher.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        result = train(dskd(), None, out_dir=tmp_path / "run", teacher=teacher, teacher_tokenizer=teacher_tokenizer,
+                       pairs=data["pairs"], heldout=data["heldout"], progress_bar=False)
+    finally:
+        handle.remove()
+
+    # Every teacher forward read ids of the teacher's own vocabulary that spell the training text.
+    assert seen
+    prompts = {p.strip() for p in data["pairs"]["prompt"]} | {p.strip() for p in data["heldout"]["prompt"]}
+    for ids in seen:
+        for row in ids:
+            text = teacher_tokenizer.decode(row.tolist(), skip_special_tokens=True)
+            assert text.strip(), "the teacher read an empty row"
+            assert any(prompt[-20:] in text or text[:20] in prompt for prompt in prompts), text[:60]
+    assert max(int(ids.max()) for ids in seen) >= len(student_tokenizer), "no id past the student's vocabulary: BPE ids expected"
+
+    records = [r for r in result.metrics if "loss/total" in r]
+    assert len(records) == 3
+    for record in records:
+        for key in ("loss/total", "loss/CE", "loss/CE(o→q)", "loss/KL(o[τ=tau_kd]‖q→o[τ=tau_kd])"):
+            assert key in record or any(k.startswith("loss/KL(o[") for k in record), key
+            assert all(torch.isfinite(torch.tensor(v)) for k, v in record.items() if k.startswith("loss/"))
+
+    # The trained projector is saved next to the student and starts a later run.
+    saved = tmp_path / "run" / "projector.safetensors"
+    tensors = load_file(str(saved))
+    assert {"query.0.weight", "t2s.0.weight", "s2t.0.weight"} <= set(tensors)
+    student = models.load_model("builtin:tiny-student-unigram")
+    restarted = compile_objective(dskd(**{"projection.init": str(saved)}), student, teacher)
+    for name, tensor in restarted.projector.state_dict().items():
+        torch.testing.assert_close(tensor, tensors[name], rtol=0, atol=0)
+
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["tokenizers"].startswith("two")
+    rows = {row["model"]: row for row in report["rows"]}
+    assert rows["teacher"]["kl"] is None and rows["distilled"]["kl"] is None
+    assert rows["teacher"]["bits_per_char"] < rows["student (initial)"]["bits_per_char"]
+
+
+def test_unprojected_comparison_across_tokenizers_is_rejected(data, tmp_path):
+    objective = kdsl.load("objective = KL(o ‖ q) + CE", {**SMALL, "student": "builtin:tiny-student-unigram"})
+    with pytest.raises(ConfigError, match=r"different tokenizers.*project one side"):
+        train(objective, None, out_dir=tmp_path / "run", pairs=data["pairs"], heldout=data["heldout"],
+              progress_bar=False)
+
+
+def test_teacher_generation_across_tokenizers_is_rejected(data, tmp_path):
+    objective = kdsl.load("objective = E[w ~ d_o] KL(o→q ‖ q) + CE(o→q)",
+                          {**SMALL, "student": "builtin:tiny-student-unigram"}, same_vocab=False)
+    with pytest.raises(ConfigError, match=r"d_o"):
+        train(objective, None, out_dir=tmp_path / "run", pairs=data["pairs"], heldout=data["heldout"],
+              progress_bar=False)
