@@ -28,6 +28,7 @@ class GroupCost:
     distributions: list[str]
     dense_bytes: int
     fused_bytes: int
+    projection_bytes: int = 0
 
 
 def _sampler_probabilities(source, weight: float = 1.0) -> dict[str, float]:
@@ -96,6 +97,15 @@ def group_cost(objective: obj.Objective, group: int, *, batch: int, length: int,
         # From logits, both hold the logits' gradient, one full (tokens × Vs) tensor.
         dense = tokens * (live_per_token + student_vocab * FLOAT32)
         fused = rows * live_per_token + tokens * student_vocab * FLOAT32
+    projection = any(isinstance(d, obj.ProjectedDist) for d in dists)
+    projection_bytes = 0
+    if projection:
+        # Cross-model attention: scores and weights in both directions (4·B·S·T, with S = T = length), and the
+        # projected logits o→q [B, S, Vs] and q→o [B, T, Vt] with their gradients. The projected path
+        # evaluates whole tensors, so the loss is not chunked either.
+        projection_bytes = FLOAT32 * (4 * batch * length * length + 2 * tokens * (student_vocab + teacher_vocab))
+        fused = dense + projection_bytes
+        dense = dense + projection_bytes
     return GroupCost(
         source=describe_source(source),
         samplers=[f"{name}: {p:.2g} of the batch" for name, p in probabilities.items()],
@@ -103,7 +113,8 @@ def group_cost(objective: obj.Objective, group: int, *, batch: int, length: int,
         teacher_generations=sum(p for name, p in probabilities.items() if name.startswith("teacher")) * batch,
         teacher_forward=uses_teacher,
         reference_forward=uses_reference,
-        projection=any(isinstance(d, obj.ProjectedDist) for d in dists),
+        projection=projection,
+        projection_bytes=projection_bytes,
         distributions=[describe_dist(d) for d in dists],
         dense_bytes=dense,
         fused_bytes=fused,
@@ -147,6 +158,9 @@ def explain(objective: obj.Objective, *, batch: int = 8, length: int = 256, stud
         lines.append(f"  generate {cost.student_generations:.3g} student and {cost.teacher_generations:.3g} teacher sequences "
                      "per micro-batch (expected)")
         lines.append(f"  dists    {', '.join(cost.distributions) or '(none: CE only)'}")
+        if cost.projection:
+            lines.append(f"  projection memory (estimate): {_size(cost.projection_bytes)} for the attention in both "
+                         "directions and the o→q, q→o logits; this group's loss is evaluated unchunked")
         lines.append(f"  loss memory (estimate): dense {_size(cost.dense_bytes)}, fused {_size(cost.fused_bytes)}")
     lines.append(f"peak loss memory over groups (estimate): dense {_size(total_dense)}, fused {_size(total_fused)}")
     return "\n".join(lines)

@@ -30,3 +30,14 @@ def test_ce_only_needs_no_teacher():
     cost = group_cost(objective, 0, batch=2, length=8, student_vocab=100, teacher_vocab=100, hidden=None, chunk=4)
     assert not cost.teacher_forward
     assert cost.student_generations == 0
+
+
+def test_projection_cost_is_shown_and_not_chunked():
+    objective = kdsl.load(ROOT / "specs" / "dskd.kd", same_vocab=False)
+    cost = group_cost(objective, 0, batch=2, length=64, student_vocab=3000, teacher_vocab=4096, hidden=None, chunk=16)
+    # 4 attention matrices of 2×64×64 and the two projected logit tensors with their gradients, in float32.
+    assert cost.projection_bytes == 4 * (4 * 2 * 64 * 64 + 2 * 2 * 64 * (3000 + 4096))
+    assert cost.fused_bytes == cost.dense_bytes  # the projected path evaluates whole tensors
+    text = explain(objective, batch=2, length=64, student_vocab=3000, teacher_vocab=4096)
+    assert "projection (cross-model attention, computed once and shared)" in text
+    assert "projection memory (estimate): 7.1 MiB" in text
