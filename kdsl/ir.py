@@ -789,15 +789,44 @@ def _model_sides(dist: Dist) -> set[str]:
     return set()
 
 
+def _projects(dist: Dist) -> bool:
+    if isinstance(dist, ProjectedDist):
+        return True
+    return isinstance(dist, MixtureDist) and any(_projects(d) for _, d in dist.components)
+
+
+def _vocabularies(dist: Dist) -> set[str]:
+    """Return whose vocabulary ('o', 'q') `dist` lives in; a projection lives in its target's."""
+    if isinstance(dist, ProjectedDist):
+        return {dist.target}
+    if isinstance(dist, MixtureDist):
+        return set().union(*(_vocabularies(d) for _, d in dist.components))
+    return _model_sides(dist)
+
+
 def _compares_models(objective: Objective) -> bool:
-    """Return whether teacher and student meet on one vocabulary, through a divergence over both or o(w_t)."""
+    """Return whether teacher and student meet on one vocabulary, through a divergence over both or a weight.
+
+    Without projections a weight reading o(w_t) or o(w) scores the student's
+    tokens with the teacher. With projections each term has its own side: such
+    a weight compares the models only on a term over the student's vocabulary
+    (CE, q, o→q), and q(w_t) only on a term over the teacher's (o, q→o).
+    """
+    projected = any(_projects(arg) for term in objective.terms for arg in term.loss.args)
     for term in objective.terms:
         if term.loss.kind != "ULD":
             sides = set().union(*(_model_sides(arg) for arg in term.loss.args))
             if sides == {"o", "q"}:
                 return True
+        # CE scores student labels; without projections every term scores the student's labels.
+        space = set().union(*(_vocabularies(arg) for arg in term.loss.args)) or {"q"} if projected else {"q"}
         for weight in (term.token_weight, term.sequence_weight):
-            if weight is not None and weight.expr.free_symbols & {LOG_O_TOKEN, LOG_O_SEQ}:
+            if weight is None:
+                continue
+            symbols = weight.expr.free_symbols
+            if symbols & {LOG_O_TOKEN, LOG_O_SEQ} and "q" in space:
+                return True
+            if symbols & {LOG_Q_TOKEN, LOG_Q_SEQ} and "o" in space:
                 return True
     return False
 

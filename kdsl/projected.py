@@ -17,9 +17,15 @@ gradient, and the accuracy gate (`projection.accuracy_gate`) restricts
 that loss to the positions where argmax `o→q` is the label. `q→o` keeps its
 gradient everywhere.
 
+Token weights and scheduled coefficients work as in `kdsl.lower`. A token
+weight is evaluated at the positions of its term: `t` and `T` count that
+side's tokens, and `o(w_t)` / `q(w_t)` must be the probability of that
+side's own label (the teacher's in a term over `o` or `q→o`, the student's in
+a term over `q` or `o→q`).
+
 NOTE: this path evaluates whole [B, L, V] tensors with ordinary autograd,
-without the chunking of `kdsl.lower`. Token weights, sequence weights and
-scheduled term coefficients are rejected with projections.
+without the chunking of `kdsl.lower`. Sequence weights ρ(w) are rejected with
+projections.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from torch import Tensor, nn
 from kdsl import numerics, scalars
 from kdsl.errors import KdslError
 from kdsl.ir import Graph, Node
-from kdsl.objective import Objective
+from kdsl.objective import ALL_ROLES, Objective
 from kdsl.projection import DualSpaceProjector
 from kdsl.settings import defaults
 
@@ -40,9 +46,12 @@ __all__ = ["ProjectedObjective", "has_projection"]
 
 IGNORE_INDEX = -100
 
+_ROLE_SYMBOLS = {str(symbol): symbol for symbol in ALL_ROLES}
+
 # Ops this evaluator runs on whole [B, L, ...] tensors.
 _SUPPORTED = {"input", "valid", "projection", "log_softmax", "mixture", "kl", "cross_entropy", "total_variation",
-              "entropy", "token_nll", "combine", "token_mean", "sequence_mean", "sum"}
+              "entropy", "token_nll", "combine", "token_mean", "sequence_mean", "sum", "schedule", "token_weight",
+              "position", "length", "token_logp"}
 
 # The call arguments the projector reads, with what each one is.
 _PROJECTOR_ARGUMENTS = {
@@ -118,13 +127,15 @@ class ProjectedObjective(nn.Module):
         self.settings = {**defaults(), **objective.settings}
         self.fused = False
         for node in graph:
+            if node.op in ("sequence_logp", "sequence_length", "sequence_weight"):
+                raise KdslError(f"node %{node.name} ({node.op}) belongs to a sequence weight ρ(w), which is not "
+                                "available together with a projection (o→q, q→o); use a token weight or a schedule")
             if node.op not in _SUPPORTED:
                 raise KdslError(f"node %{node.name} ({node.op}) is not available together with a projection (o→q, q→o); "
-                                "write the objective with KL, CE, H, TV and mixtures only")
-            if node.op in ("token_mean", "sequence_mean") and node.named:
-                keys = ", ".join(key for key, _ in node.named)
-                raise KdslError(f"term '{node.attr('name')}' has a {keys} input, which is not available together with a "
-                                "projection (o→q, q→o); use constant term coefficients")
+                                "write the objective with KL, CE, H, TV, mixtures, token weights and schedules")
+            if node.op in ("token_mean", "sequence_mean") and any(key == "seq_weight" for key, _ in node.named):
+                raise KdslError(f"term '{node.attr('name')}' has a sequence weight ρ(w), which is not available together "
+                                "with a projection (o→q, q→o); use a token weight or a scheduled coefficient")
         if objective.reduction != "token":
             raise KdslError(f'reduction = "{objective.reduction}" is not available together with a projection (o→q, q→o); '
                             'use reduction = "token"')
@@ -270,7 +281,42 @@ class _Evaluation:
             mask = self.projection.kd_mask
         constant = term.attr("coef")  # a sympy number built by the checker, or None for 1
         coefficient = 1.0 if constant is None else scalars.evaluate_schedule(constant, **self.schedule)
+        for key, name in term.named:
+            if key == "coef":
+                coefficient *= scalars.evaluate_schedule(graph.node(name).attr("expr"), **self.schedule)
+            elif key == "weight":
+                weight = self.token_weight(graph, graph.node(name), side, term.attr("name"))
+                # A zero weight removes the position even where the loss is +inf (0·inf would be NaN).
+                per_position = torch.where(weight == 0, 0.0, weight * per_position)
         return coefficient * torch.where(mask, per_position, 0.0).sum()
+
+    def token_weight(self, graph: Graph, node: Node, side: str, term_name: str) -> Tensor:
+        """Evaluate a per-token weight [B, L] at the positions of `side`, without gradient."""
+        labels = self.labels[side]
+        valid = labels.ne(IGNORE_INDEX)
+        bindings = {_ROLE_SYMBOLS[name]: value for name, value in self.schedule.items()}
+        for key, name in node.named:
+            role = graph.node(name)
+            if role.op == "position":
+                value = valid.cumsum(dim=1)  # 1-based t among the scored tokens of the row
+            elif role.op == "length":
+                value = valid.sum(dim=1, keepdim=True).expand_as(labels)
+            elif role.op == "token_logp":
+                logp_node = graph.node(role.inputs[0])
+                if self.side(graph, logp_node) != side:
+                    model = "o" if side == "student" else "q"
+                    raise KdslError(
+                        f"the weight of term '{term_name}' reads {model}(w_t) at the {side}'s positions, but {model} "
+                        f"predicts the other tokenizer's tokens there; in a term over the {side}'s positions use "
+                        f"{'q' if side == 'student' else 'o'}(w_t), t or T"
+                    )
+                logp = self.value(graph, logp_node, True)
+                value = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            else:
+                raise KdslError(f"node %{role.name} ({role.op}) is not available as a weight input with a projection")
+            bindings[_ROLE_SYMBOLS[key]] = value
+        weight = scalars.evaluate_weight(node.attr("expr"), bindings)
+        return weight.expand(labels.shape) if weight.dim() == 0 else weight
 
     @staticmethod
     def reads_o_to_q(graph: Graph, node: Node) -> bool:
@@ -278,11 +324,26 @@ class _Evaluation:
 
     @staticmethod
     def side(graph: Graph, node: Node) -> str:
-        """Return whose positions a per-position loss lives at: the vocabulary of its distributions decides."""
-        while node.op == "combine":
-            node = graph.node(node.inputs[0])
-        shape = graph.node(node.inputs[0]).type.shape
-        return "teacher" if len(shape) == 3 and shape[2] == "Vt" else "student"
+        """Return whose positions a per-position loss or a distribution lives at: where its logits come from.
+
+        The student's logits and `o→q` live at student positions, the
+        teacher's logits and `q→o` at teacher positions. Labels and masks are
+        not followed: they belong to the term, not to a side.
+        """
+        sides = set()
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if current.op == "projection":
+                sides.add("student" if current.attr("source") == "o" else "teacher")
+            elif current.op == "input" and current.attr("role") in ("student_logits", "teacher_logits"):
+                sides.add(current.attr("role").split("_")[0])
+            elif current.op not in ("input", "valid", "position", "length"):
+                stack.extend(graph.node(name) for name in current.inputs)
+        if len(sides) > 1:
+            raise KdslError(f"node %{node.name} ({node.op}) mixes the student's and the teacher's positions; "
+                            "project one side into the other's vocabulary first")
+        return sides.pop() if sides else "student"
 
     def value(self, graph: Graph, node: Node, as_target: bool) -> Tensor:
         key = (node.name, as_target)

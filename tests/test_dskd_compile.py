@@ -174,3 +174,72 @@ def test_trainer_compile_needs_the_models():
     objective = kdsl.load(str(Path(__file__).resolve().parents[1] / "specs" / "dskd.kd"))
     with pytest.raises(ConfigError, match=r"compile_objective\(objective, student, teacher\)"):
         compile_objective(objective)
+
+
+# --- Token weights and schedules on projected terms ------------------------------------
+
+CASE = "dskd_full_cma_fkl_S7_T9_Vs11_Vt13"
+
+
+def compile_with(spec: str, inputs: dict, meta: dict):
+    projector = DualSpaceProjector(inputs["student_hidden"].shape[-1], inputs["teacher_hidden"].shape[-1],
+                                   compat="dskd", accuracy_gate=False)
+    projector.load_pretrained(VECTORS / meta["inputs_file"], strict=False)
+    return kdsl.compile(HEADER + spec, projector=projector, same_vocab=False)
+
+
+def test_scheduled_coefficient_on_a_projected_term():
+    meta, inputs, _, teacher_type = load_case(CASE)
+    hidden, head = inputs["student_hidden"], inputs["student_lm_head"]
+    plain = call_case(compile_with("objective = CE + KL(o ‖ q→o)", inputs, meta), inputs, teacher_type, hidden, head)
+    scheduled = compile_with("φ(epoch) = 0.5·(1 + cos(π·epoch/4))\nobjective = CE + φ(epoch)·KL(o ‖ q→o)", inputs, meta)
+    for epoch in (0.0, 1.0, 2.0, 4.0):
+        phi = 0.5 * (1 + torch.cos(torch.tensor(torch.pi * epoch / 4))).item()
+        result = scheduled(
+            labels=inputs["label"], teacher_labels=inputs[f"teacher_{teacher_type}_label"],
+            student_hidden=hidden, student_head=head, teacher_hidden=inputs["teacher_hidden"],
+            teacher_head=inputs["teacher_lm_head"], student_input_ids=inputs["input_ids"],
+            teacher_input_ids=inputs[f"teacher_{teacher_type}_input_ids"],
+            student_embedding=inputs["student_embed"], teacher_embedding=inputs["teacher_embed"], epoch=epoch,
+        )
+        torch.testing.assert_close(result.terms["KL(o‖q→o)"], phi * plain.terms["KL(o‖q→o)"], rtol=1e-6, atol=1e-7)
+
+
+def test_token_weight_on_teacher_positions_counts_teacher_tokens():
+    from kdsl import numerics
+
+    meta, inputs, _, teacher_type = load_case(CASE)
+    compiled = compile_with("λ(t, w) = exp(-t/4)·(1 - o(w_t))\nobjective = CE + λ(t, w)·KL(o ‖ q→o)", inputs, meta)
+    teacher_labels = inputs[f"teacher_{teacher_type}_label"]
+    result = call_case(compiled, inputs, teacher_type, inputs["student_hidden"], inputs["student_lm_head"])
+
+    # By hand: project, take the KL at each teacher position, weigh it with t counted over the teacher's scored tokens.
+    projection = compiled.projector(
+        inputs["student_hidden"], inputs["teacher_hidden"], student_input_ids=inputs["input_ids"],
+        student_labels=inputs["label"], teacher_input_ids=inputs[f"teacher_{teacher_type}_input_ids"],
+        teacher_labels=teacher_labels, student_embedding=inputs["student_embed"],
+        teacher_embedding=inputs["teacher_embed"], student_head=inputs["student_lm_head"],
+        teacher_head=inputs["teacher_lm_head"],
+    )
+    teacher_logits = inputs["teacher_hidden"].float() @ inputs["teacher_lm_head"].float().T
+    log_o = torch.log_softmax(teacher_logits, dim=-1)
+    kl = numerics.kl(log_o, torch.log_softmax(projection.q_to_o, dim=-1))
+    valid = teacher_labels.ne(-100)
+    t = valid.cumsum(dim=1).float()
+    o_label = log_o.gather(-1, teacher_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).exp()
+    weight = torch.exp(-t / 4) * (1 - o_label)
+    expected = (weight * kl)[valid].sum() / inputs["label"].ne(-100).sum()
+    torch.testing.assert_close(result.terms["KL(o‖q→o)"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_reading_the_other_vocabulary_is_rejected():
+    meta, inputs, _, teacher_type = load_case(CASE)
+    compiled = compile_with("λ(t, w) = 1 - o(w_t)\nobjective = CE(o→q) + λ(t, w)·KL(o→q ‖ q)", inputs, meta)
+    with pytest.raises(KdslError, match=r"reads o\(w_t\) at the student's positions"):
+        call_case(compiled, inputs, teacher_type, inputs["student_hidden"], inputs["student_lm_head"])
+
+
+def test_sequence_weight_with_projection_is_rejected():
+    with pytest.raises(KdslError, match="sequence weight"):
+        kdsl.compile('ref = "builtin:tiny-ref"\nρ(w) = ref(w) / q(w)\n'
+                     "objective = CE(o→q) + ρ(w)·KL(o→q ‖ q)", hidden_sizes=(4, 6), same_vocab=False)
