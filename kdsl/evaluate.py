@@ -213,7 +213,7 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 def _encode_prompt(tokenizer: Any, text: str, max_tokens: int, index: int) -> list[int]:
     """Encode a prompt, keep its last `max_tokens` tokens and restore a leading BOS the tokenizer adds."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if _adds_bos(tokenizer):
         # The BOS counts towards max_tokens and stays in front of the kept tail.
         tail = ids[len(ids) - (max_tokens - 1) :] if max_tokens > 1 else []
@@ -239,7 +239,7 @@ def _encode_response(tokenizer: Any, text: str, max_tokens: int) -> tuple[list[i
             return ids, len(text)
         return ids[:max_tokens], encoded["offset_mapping"][max_tokens - 1][1]
 
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if len(ids) <= max_tokens:
         return ids, len(text)
     # NOTE: slow tokenizers give no offsets, so the character count of a cut

@@ -153,7 +153,9 @@ class PairEncoder:
     def encode_prompt(self, prompt: str) -> tuple[int, ...]:
         if self.chat_template:
             prompt = self.format_chat(prompt)
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        # The whole prompt is encoded and then cut, so a prompt longer than the tokenizer's model_max_length
+        # is expected here; verbose=False keeps transformers from warning about it.
+        ids = self.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"]
         ids = ids[-self.max_prompt_tokens :]
         if not ids:
             start = self.tokenizer.bos_token_id
@@ -170,7 +172,7 @@ class PairEncoder:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def encode_response(self, response: str) -> tuple[int, ...]:
-        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"]
         return tuple((list(ids) + [self.eos_id])[: self.max_response_tokens])
 
     def encode(self, prompt: str, response: str, source: str = "d_data") -> Example:

@@ -59,7 +59,7 @@ def teacher_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels:
         prompt = input_ids[row][attended & ~scored].tolist()
         response = input_ids[row][scored].tolist()
         prompt_text = student_tokenizer.decode(prompt, skip_special_tokens=True)
-        teacher_prompt = list(teacher_tokenizer(prompt_text, add_special_tokens=False)["input_ids"]) if prompt_text else []
+        teacher_prompt = list(teacher_tokenizer(prompt_text, add_special_tokens=False, verbose=False)["input_ids"]) if prompt_text else []
         teacher_response = []
         if response:
             teacher_response = retokenize(response, student_tokenizer, teacher_tokenizer, context_ids=prompt).teacher_ids
