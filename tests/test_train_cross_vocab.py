@@ -79,7 +79,8 @@ def test_run_feeds_each_model_its_own_tokens(data, tmp_path):
 
     handle = teacher.register_forward_pre_hook(record, with_kwargs=True)
     try:
-        result = train(dskd(), None, out_dir=tmp_path / "run", teacher=teacher, teacher_tokenizer=teacher_tokenizer,
+        result = train(dskd(**{"train.save_every": 2}), None, out_dir=tmp_path / "run", teacher=teacher,
+                       teacher_tokenizer=teacher_tokenizer,
                        pairs=data["pairs"], heldout=data["heldout"], progress_bar=False)
     finally:
         handle.remove()
@@ -109,6 +110,11 @@ def test_run_feeds_each_model_its_own_tokens(data, tmp_path):
     restarted = compile_objective(dskd(**{"projection.init": str(saved)}), student, teacher)
     for name, tensor in restarted.projector.state_dict().items():
         torch.testing.assert_close(tensor, tensors[name], rtol=0, atol=0)
+
+    # Checkpoints hold the projector beside the student, so a resumed run continues both.
+    checkpoint_files = list((tmp_path / "run" / "checkpoints").glob("step-*/*.safetensors"))
+    keys = set().union(*(load_file(str(f)).keys() for f in checkpoint_files))
+    assert any(key.endswith("projector.query.0.weight") for key in keys), sorted(keys)[:5]
 
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["tokenizers"].startswith("two")
