@@ -233,7 +233,7 @@ def _encode_prompt(tokenizer: Any, text: str, max_tokens: int, index: int) -> li
 def _encode_response(tokenizer: Any, text: str, max_tokens: int) -> tuple[list[int], int]:
     """Encode a response, keep its first `max_tokens` tokens; return them and the characters they cover."""
     if getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         ids = encoded["input_ids"]
         if len(ids) <= max_tokens:
             return ids, len(text)
