@@ -21,9 +21,10 @@ oracle, every number with a 95% bootstrap band. The held-out CE measured every
 
 The shared budget overrides each spec's own learning rate, warmup and
 sgo.max_new_tokens (`--lr`, `--warmup-steps`, `--max-new-tokens`). The
-defaults are the budget of docs/study.md:
+defaults are the budget of docs/study.md, which reports this command (about
+47 minutes on a shared 2-core machine):
 
-    python examples/exposure_bias_study.py --out runs/exposure_bias_study --docs docs --threads 1
+    python examples/exposure_bias_study.py --out runs/study_300 --docs docs --threads 1 --steps 300
 
 writes into --out: one run directory per recipe (spec.kd, settings.json,
 metrics.jsonl, student/), eval/ (metrics.json, summary.csv,
@@ -92,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--docs", type=Path, default=None, help="also copy the two figures into this folder")
     parser.add_argument("--recipes", default=",".join(RECIPES),
                         help=f"comma-separated recipes to train (default: all of {', '.join(RECIPES)})")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per recipe (default 60)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per recipe (default 300)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step and sampling group (default 8)")
     parser.add_argument("--train-fraction", type=float, default=0.1, help="share of the training pairs used (default 0.1)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every recipe (default 1e-3)")
