@@ -17,6 +17,14 @@ Conventions:
 - Mixtures are formed from probabilities in log space (a log-sum-exp over
   `log w_i + log p_i`), never by mixing log-probabilities.
 - A temperature divides the logits; nothing is scaled by τ².
+
+Two paths compute each of `kl`, `cross_entropy`, `entropy` and
+`log_mixture`. When every input entry is finite (the common case, checked
+with one sum per input), a custom autograd function evaluates the plain
+formula and its analytic gradient, with no masks. Otherwise the masked
+path above runs. The two paths agree to rounding, in values and
+gradients. The `finite` argument lets a caller that has already checked
+its inputs skip the check (True) or force the masked path (False).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "all_finite",
     "log_softmax",
     "log_mixture",
     "kl",
@@ -114,7 +123,9 @@ def log_softmax(
     return torch.log_softmax(x, dim=-1)
 
 
-def log_mixture(logps: Sequence[Tensor], weights: Sequence[float | Tensor]) -> Tensor:
+def log_mixture(
+    logps: Sequence[Tensor], weights: Sequence[float | Tensor], *, finite: bool | None = None,
+) -> Tensor:
     """Compute log Σ_i w_i·p_i for a convex mixture of distributions given as log-probabilities.
 
     The mixture is formed from probabilities with a log-sum-exp. Float weights
@@ -122,6 +133,9 @@ def log_mixture(logps: Sequence[Tensor], weights: Sequence[float | Tensor]) -> T
     A tensor weight may be zero at run time: its log is taken behind a mask,
     so the gradient stays finite. An entry where every component has
     probability 0 gets log-probability -inf and a zero gradient.
+
+    With float weights and finite inputs (`finite` as in the module summary)
+    the result is finite too.
     """
     if len(logps) == 0:
         raise ValueError("log_mixture needs at least one component, got none")
@@ -130,7 +144,7 @@ def log_mixture(logps: Sequence[Tensor], weights: Sequence[float | Tensor]) -> T
     _check_mixture_weights(weights)
 
     shape = _as_float32("logps[0]", logps[0]).shape
-    shifted = []  # log w_i + log p_i, one tensor per kept component
+    components = []  # (log-probabilities, weight) of each kept component
     for i, (logp, weight) in enumerate(zip(logps, weights)):
         logp = _as_float32(f"logps[{i}]", logp)
         if logp.shape != shape:
@@ -138,9 +152,18 @@ def log_mixture(logps: Sequence[Tensor], weights: Sequence[float | Tensor]) -> T
                 f"log_mixture: logps[{i}] has shape {tuple(logp.shape)} but logps[0] has shape {tuple(shape)}; "
                 "components must share one vocabulary"
             )
+        if isinstance(weight, Tensor) or weight > 0:
+            components.append((logp, weight))
+
+    float_weights = all(not isinstance(weight, Tensor) for _, weight in components)
+    if len(components) > 1 and float_weights and _use_fast_path(finite, *(logp for logp, _ in components)):
+        return _FiniteLogMixture.apply(tuple(weight for _, weight in components), *(logp for logp, _ in components))
+
+    shifted = []  # log w_i + log p_i, one tensor per kept component
+    for logp, weight in components:
         if isinstance(weight, Tensor):
             shifted.append(logp + _safe_log_weight(weight))
-        elif weight > 0:
+        else:
             shifted.append(logp + math.log(weight))
 
     if len(shifted) == 1:
@@ -195,7 +218,7 @@ def _support_masks(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor
     return a_pos, b_pos, torch.where(both, a, 0.0), torch.where(both, b, 0.0)
 
 
-def kl(logp_a: Tensor, logp_b: Tensor) -> Tensor:
+def kl(logp_a: Tensor, logp_b: Tensor, *, finite: bool | None = None) -> Tensor:
     """Compute KL(a ‖ b) = Σ_v a(v)·(log a(v) − log b(v)) per position.
 
     `a` is the distribution the expectation is taken under. Entries with
@@ -203,6 +226,8 @@ def kl(logp_a: Tensor, logp_b: Tensor) -> Tensor:
     make the row +inf (the true value), and those entries carry no gradient.
     """
     a, b = _same_vocabulary("kl", logp_a, logp_b)
+    if _use_fast_path(finite, a, b):
+        return _FiniteKL.apply(a, b)
     a_pos, _, a_safe, b_safe = _support_masks(a, b)
     both = a_pos & (b > NEG_INF)
 
@@ -211,13 +236,15 @@ def kl(logp_a: Tensor, logp_b: Tensor) -> Tensor:
     return per_entry.sum(dim=-1)
 
 
-def cross_entropy(logp_a: Tensor, logp_b: Tensor) -> Tensor:
+def cross_entropy(logp_a: Tensor, logp_b: Tensor, *, finite: bool | None = None) -> Tensor:
     """Compute H(a, b) = −Σ_v a(v)·log b(v) per position, with the KL's 0·log 0 conventions.
 
     This is KL(a ‖ b) + H(a), the quantity DistiLLM calls "forward KL" when
     `a` is the teacher.
     """
     a, b = _same_vocabulary("cross_entropy", logp_a, logp_b)
+    if _use_fast_path(finite, a, b):
+        return _FiniteCrossEntropy.apply(a, b)
     a_pos, _, a_safe, b_safe = _support_masks(a, b)
     both = a_pos & (b > NEG_INF)
 
@@ -226,9 +253,11 @@ def cross_entropy(logp_a: Tensor, logp_b: Tensor) -> Tensor:
     return per_entry.sum(dim=-1)
 
 
-def entropy(logp_a: Tensor) -> Tensor:
+def entropy(logp_a: Tensor, *, finite: bool | None = None) -> Tensor:
     """Compute H(a) = −Σ_v a(v)·log a(v) per position; zero-probability entries contribute 0."""
     a = _as_float32("logp_a", logp_a)
+    if _use_fast_path(finite, a):
+        return _FiniteEntropy.apply(a)
     a_pos = a > NEG_INF
     a_safe = torch.where(a_pos, a, 0.0)
     return torch.where(a_pos, -torch.exp(a_safe) * a_safe, 0.0).sum(dim=-1)
@@ -253,8 +282,11 @@ def js(logp_a: Tensor, logp_b: Tensor, beta: float | Tensor) -> Tensor:
         return _zero_rows(a, b)
 
     complement = 1.0 - beta
-    log_m = log_mixture([a, b], [beta, complement])
-    return _weighted(beta, kl(a, log_m)) + _weighted(complement, kl(b, log_m))
+    finite = all_finite(a, b)
+    log_m = log_mixture([a, b], [beta, complement], finite=finite)
+    # With a tensor beta the mixture takes the masked path, so kl checks it instead of relying on the inputs' check.
+    finite = finite and beta_value is not None
+    return _weighted(beta, kl(a, log_m, finite=finite)) + _weighted(complement, kl(b, log_m, finite=finite))
 
 
 def _zero_rows(*logps: Tensor) -> Tensor:
@@ -274,14 +306,22 @@ def skew_kl(logp_a: Tensor, logp_b: Tensor, alpha: float | Tensor) -> Tensor:
     """Compute SKL[α](a ‖ b) = KL(a ‖ α·a + (1 − α)·b) per position (DistiLLM's skew KL, true-KL form)."""
     a, b = _same_vocabulary("skew_kl", logp_a, logp_b)
     _check_unit_interval("alpha", alpha)
-    return kl(a, log_mixture([a, b], [alpha, 1.0 - alpha]))
+    return _kl_to_mixture(a, b, alpha)
 
 
 def skew_reverse_kl(logp_a: Tensor, logp_b: Tensor, alpha: float | Tensor) -> Tensor:
     """Compute SRKL[α](a ‖ b) = KL(b ‖ α·b + (1 − α)·a) per position (DistiLLM's skew reverse KL)."""
     a, b = _same_vocabulary("skew_reverse_kl", logp_a, logp_b)
     _check_unit_interval("alpha", alpha)
-    return kl(b, log_mixture([b, a], [alpha, 1.0 - alpha]))
+    return _kl_to_mixture(b, a, alpha)
+
+
+def _kl_to_mixture(a: Tensor, b: Tensor, alpha: float | Tensor) -> Tensor:
+    """Compute KL(a ‖ α·a + (1 − α)·b), checking once whether both inputs are finite."""
+    finite = all_finite(a, b)
+    log_m = log_mixture([a, b], [alpha, 1.0 - alpha], finite=finite)
+    # With a tensor alpha the mixture takes the masked path, so kl checks it instead of relying on the inputs' check.
+    return kl(a, log_m, finite=finite if not isinstance(alpha, Tensor) else None)
 
 
 def _check_unit_interval(name: str, value: float | Tensor) -> float | None:
@@ -378,6 +418,149 @@ def _limit_term(mask: Tensor, log_weight: Tensor, limit: float) -> Tensor:
     if math.isinf(limit):
         return torch.where(mask, limit, 0.0).to(log_weight.dtype)
     return torch.where(mask, torch.exp(log_weight) * limit, 0.0)
+
+
+# --- Fast path for finite inputs --------------------------------------------------------
+#
+# Each function below computes a kernel's plain formula and its analytic gradient. They are exact only
+# where every input entry is finite, and the public kernels call them only then. A backward pass with
+# create_graph=True recomputes the probabilities from the saved inputs, so that double backward
+# differentiates through them.
+
+
+def all_finite(*tensors: Tensor) -> bool:
+    """Return whether every entry of every tensor is finite, with one sum per tensor.
+
+    The sum of the entries is finite exactly when no entry is ±inf or NaN, except where a
+    sum of finite entries overflows. Then this returns False, and the caller takes the
+    masked path, which is correct for any input.
+    """
+    with torch.no_grad():
+        return all(bool(torch.isfinite(tensor.sum())) for tensor in tensors)
+
+
+def _use_fast_path(finite: bool | None, *tensors: Tensor) -> bool:
+    if finite is None:
+        return all_finite(*tensors)
+    return bool(finite)
+
+
+def _probabilities(logp: Tensor, saved: Tensor) -> Tensor:
+    """Return the saved e^logp, or recompute it where the backward pass builds a graph (double backward)."""
+    return torch.exp(logp) if torch.is_grad_enabled() else saved
+
+
+def _save_pair(ctx, a: Tensor, b: Tensor, p: Tensor) -> None:
+    """Save e^a, and a and b only where d/da is needed, so that an `a` without gradient (a teacher) is freed early."""
+    if ctx.needs_input_grad[0]:
+        ctx.save_for_backward(p, a, b)
+    else:
+        ctx.save_for_backward(p)
+
+
+def _saved_pair(ctx) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    p, *rest = ctx.saved_tensors
+    a, b = rest if rest else (None, None)
+    if a is not None:
+        p = _probabilities(a, p)
+    return p, a, b
+
+
+class _FiniteKL(torch.autograd.Function):
+    """KL(a ‖ b) per position for finite a, b: Σ e^a·(a − b). d/da = e^a·(a − b + 1), d/db = −e^a."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        p = torch.exp(a)
+        _save_pair(ctx, a, b, p)
+        return torch.sub(a, b).mul_(p).sum(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        p, a, b = _saved_pair(ctx)
+        g = grad.unsqueeze(-1)
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = (a - b + 1.0) * p * g
+        if ctx.needs_input_grad[1]:
+            grad_b = p * -g
+        return grad_a, grad_b
+
+
+class _FiniteCrossEntropy(torch.autograd.Function):
+    """H(a, b) per position for finite a, b: −Σ e^a·b. d/da = −e^a·b, d/db = −e^a."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        p = torch.exp(a)
+        _save_pair(ctx, a, b, p)
+        return -(p * b).sum(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        p, a, b = _saved_pair(ctx)
+        g = grad.unsqueeze(-1)
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = p * b * -g
+        if ctx.needs_input_grad[1]:
+            grad_b = p * -g
+        return grad_a, grad_b
+
+
+class _FiniteEntropy(torch.autograd.Function):
+    """H(a) per position for finite a: −Σ e^a·a. d/da = −e^a·(a + 1)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor) -> Tensor:
+        p = torch.exp(a)
+        ctx.save_for_backward(a, p)
+        return -(p * a).sum(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, p = ctx.saved_tensors
+        p = _probabilities(a, p)
+        return (a + 1.0) * p * -grad.unsqueeze(-1)
+
+
+# Below this mixture probability the fast mixture recomputes an entry with a shifted log-sum-exp:
+# e^-69 is far above the float32 subnormal range (below e^-87), where exp loses precision.
+_SMALLEST_MIXTURE = 1e-30
+
+
+class _FiniteLogMixture(torch.autograd.Function):
+    """log Σ_i w_i·e^(l_i) for finite log-probabilities l_i and positive float weights w_i.
+
+    The forward pass sums probabilities and takes one log. Entries whose sum falls below
+    `_SMALLEST_MIXTURE` are recomputed as a log-sum-exp of l_i + log w_i. The gradient is
+    d/dl_i = w_i·e^(l_i − m).
+    """
+
+    @staticmethod
+    def forward(ctx, weights: tuple[float, ...], *logps: Tensor) -> Tensor:
+        log_weights = tuple(math.log(weight) for weight in weights)
+        total = torch.exp(logps[0]).mul_(weights[0])
+        for logp, weight in zip(logps[1:], weights[1:]):
+            total.add_(torch.exp(logp), alpha=weight)
+        underflow = bool(total.amin() < _SMALLEST_MIXTURE) if total.numel() else False
+        if underflow:
+            small = total < _SMALLEST_MIXTURE
+        result = total.log_()
+        if underflow:
+            shifted = torch.stack([logp[small] + log_weight for logp, log_weight in zip(logps, log_weights)])
+            result[small] = torch.logsumexp(shifted, dim=0)
+        ctx.log_weights = log_weights
+        ctx.save_for_backward(*logps, result)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        *logps, result = ctx.saved_tensors
+        grads = []
+        for needed, logp, log_weight in zip(ctx.needs_input_grad[1:], logps, ctx.log_weights):
+            grads.append(torch.exp(logp - result + log_weight) * grad if needed else None)
+        return (None, *grads)
 
 
 # --- Token-level losses -----------------------------------------------------------------

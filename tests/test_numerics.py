@@ -402,6 +402,117 @@ def test_log_mixture_rejects_negative_weight():
         N.log_mixture([a, a], [1.5, -0.5])
 
 
+# --- Fast path for finite inputs ----------------------------------------------------------
+
+# Each kernel with a fast path, as a function of (teacher, student) log-probabilities and `finite`.
+FAST_PATH_KERNELS = {
+    "kl_forward": lambda t, s, finite: N.kl(t, s, finite=finite),
+    "kl_reverse": lambda t, s, finite: N.kl(s, t, finite=finite),
+    "cross_entropy": lambda t, s, finite: N.cross_entropy(t, s, finite=finite),
+    "cross_entropy_student_first": lambda t, s, finite: N.cross_entropy(s, t, finite=finite),
+    "entropy": lambda t, s, finite: N.entropy(s, finite=finite),
+    "mixture_of_two": lambda t, s, finite: N.log_mixture([t, s], [0.3, 0.7], finite=finite).sum(dim=-1),
+    "mixture_of_three": lambda t, s, finite: N.log_mixture([t, s, t.flip(-1)], [0.2, 0.5, 0.3], finite=finite).sum(dim=-1),
+    "kl_to_mixture": lambda t, s, finite: N.kl(t, N.log_mixture([t, s], [0.1, 0.9], finite=finite), finite=finite),
+}
+
+
+def _grads_or_zeros(value: torch.Tensor, *leaves: torch.Tensor) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(value, leaves, allow_unused=True)
+    return [torch.zeros_like(leaf) if grad is None else grad for leaf, grad in zip(leaves, grads)]
+
+
+def _fast_and_masked(name: str, scale: float = 3.0, requires_grad_teacher: bool = True):
+    generator = torch.Generator().manual_seed(5)
+    student = (scale * torch.randn(4, 11, generator=generator)).requires_grad_()
+    teacher = (scale * torch.randn(4, 11, generator=generator)).requires_grad_(requires_grad_teacher)
+    results = []
+    for finite in (True, False):
+        value = FAST_PATH_KERNELS[name](N.log_softmax(teacher), N.log_softmax(student), finite)
+        leaves = [student, teacher] if requires_grad_teacher else [student]
+        results.append((value.detach(), _grads_or_zeros((value * torch.arange(1.0, 5.0)).sum(), *leaves)))
+    return results
+
+
+@pytest.mark.parametrize("name", sorted(FAST_PATH_KERNELS))
+def test_fast_path_matches_masked_path(name):
+    (fast, fast_grads), (masked, masked_grads) = _fast_and_masked(name)
+    torch.testing.assert_close(fast, masked, rtol=1e-6, atol=1e-6)
+    for fast_grad, masked_grad in zip(fast_grads, masked_grads):
+        torch.testing.assert_close(fast_grad, masked_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(FAST_PATH_KERNELS))
+def test_fast_path_without_teacher_gradient(name):
+    (fast, fast_grads), (masked, masked_grads) = _fast_and_masked(name, requires_grad_teacher=False)
+    torch.testing.assert_close(fast, masked, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast_grads[0], masked_grads[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["kl_forward", "kl_reverse", "cross_entropy", "entropy", "mixture_of_two"])
+def test_fast_path_double_backward(name):
+    # A Hessian-vector product through the fast path equals the one through the masked path.
+    generator = torch.Generator().manual_seed(9)
+    student = torch.randn(3, 6, generator=generator, requires_grad=True)
+    teacher = torch.randn(3, 6, generator=generator, requires_grad=True)
+    direction = torch.randn(3, 6, generator=generator)
+    products = []
+    for finite in (True, False):
+        value = FAST_PATH_KERNELS[name](N.log_softmax(teacher), N.log_softmax(student), finite).sum()
+        grads = torch.autograd.grad(value, (student, teacher), create_graph=True, allow_unused=True)
+        product = sum((g * direction).sum() for g in grads if g is not None)
+        products.append(_grads_or_zeros(product, student, teacher))
+    for fast, masked in zip(*products):
+        torch.testing.assert_close(fast, masked, rtol=1e-5, atol=1e-6)
+
+
+def test_all_finite_detects_each_kind():
+    finite = torch.tensor([[0.0, -1e30, 5.0]])
+    assert N.all_finite(finite, finite)
+    for bad in (NEG_INF, math.inf, math.nan):
+        tensor = finite.clone()
+        tensor[0, 1] = bad
+        assert not N.all_finite(finite, tensor), bad
+
+
+def test_all_finite_is_false_where_sum_overflows():
+    # The check is conservative: finite entries whose sum overflows send the caller to the masked path.
+    assert not N.all_finite(torch.tensor([3e38, 3e38]))
+
+
+def test_kernels_choose_masked_path_for_neginf():
+    # The plain formula gives 0·(-inf) = NaN at the teacher's -inf entry; the default check avoids it.
+    student = torch.tensor([[0.0, 1.0, 2.0, NEG_INF]], requires_grad=True)
+    teacher = torch.tensor([[0.5, NEG_INF, 0.0, NEG_INF]])
+    value = N.kl(N.log_softmax(teacher), N.log_softmax(student))
+    (grad,) = _grad(value, student)
+    _close(value, ref.kl(ref.log_softmax(teacher), ref.log_softmax(student.detach())))
+    assert torch.isfinite(grad).all()
+
+
+def test_fast_mixture_recomputes_underflowing_entries():
+    # Log-probabilities near -100 and -200 underflow float32 probabilities; the mixture stays exact there.
+    a = torch.tensor([[-100.0, -200.0, -0.5, -1000.0]], dtype=torch.float32, requires_grad=True)
+    b = torch.tensor([[-101.0, -150.0, -1.0, -1000.5]], dtype=torch.float32, requires_grad=True)
+    mix = N.log_mixture([a, b], [0.25, 0.75], finite=True)
+    expected = np.logaddexp(np.log(0.25) + a.detach().double().numpy(), np.log(0.75) + b.detach().double().numpy())
+    _close(mix, expected, rtol=1e-6, atol=1e-5)
+    grad_a, grad_b = _grad(mix, a, b)
+    expected_grad_a = 0.25 * np.exp(a.detach().double().numpy() - expected)
+    # The gradient is exp(l - m) with m rounded to float32, whose spacing near -1000 is 6e-5.
+    _close(grad_a, expected_grad_a, rtol=1e-4, atol=1e-6)
+    _close(grad_a + grad_b, np.ones((1, 4)), rtol=1e-4, atol=1e-6)
+
+
+def test_js_fast_path_matches_reference_at_extreme_logits():
+    student, teacher = _extreme_logits(2)
+    s, t = N.log_softmax(student), N.log_softmax(teacher)
+    assert N.all_finite(s, t)  # ±1e4 logits give finite log-probabilities, so the fast path runs
+    ls, lt = ref.log_softmax(student), ref.log_softmax(teacher)
+    _close(N.js(t, s, 0.1), ref.js(lt, ls, 0.1))
+    _close(N.skew_reverse_kl(t, s, 0.1), ref.skew_reverse_kl(lt, ls, 0.1))
+
+
 # --- Input errors ------------------------------------------------------------------------
 
 
