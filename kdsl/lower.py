@@ -3,14 +3,20 @@
 Fused evaluation (the default) visits the valid tokens of a batch (labels
 other than -100) in chunks of at most `train.chunk_size` rows and at most
 `max_chunk_elements` logits per model. For each chunk it builds the
-student's logits rows, gathered from `student_logits` or computed as
+student's logits rows, read from `student_logits` (a view where the chunk's
+positions are consecutive in memory) or computed as
 `student_hidden @ student_head.T`. It evaluates every term of the selected
 sampling groups on them and at once takes the gradient of the chunk's share
-of the loss with respect to those rows (`torch.autograd.grad`). Nothing of
-the chunk is kept, because the backward pass of the returned loss only
-scales the precomputed gradients (`_PrecomputedGradients`). So no
-full-vocabulary tensor exists for more than one chunk at a time, beyond the
-inputs and their gradients.
+of the loss (`torch.autograd.grad`) with respect to those rows, or to the
+hidden rows, in which case the head's gradient is added in place
+(`_HeadProjection`). Nothing of the chunk is kept, because the backward pass
+of the returned loss only scales the precomputed gradients
+(`_PrecomputedGradients`). So no full-vocabulary tensor exists for more than
+one chunk at a time, beyond the inputs and their gradients.
+
+The kernels take a mask-free fast path where a chunk's log-probabilities
+are all finite (`kdsl.numerics`). Each log-softmax output is checked once
+per chunk, and the kernels that read it get the result.
 
 Dense evaluation (`fused=False`) evaluates the same nodes on all valid rows
 at once with ordinary autograd. Tests and the benchmark compare the two.
@@ -177,8 +183,10 @@ class _Rows:
     def __init__(self, labels: Tensor):
         batch, length = labels.shape
         mask = labels != IGNORE_INDEX  # [B, T]
+        self.mask = mask
         self.batch = batch
         self.sequence, self.column = mask.nonzero(as_tuple=True)  # [N] each: row and column of each valid position
+        self.flat = self.sequence * length + self.column  # [N] index of each valid position in the flattened [B·T]
         self.labels = labels[self.sequence, self.column]  # [N]
         self.position = mask.cumsum(dim=1)[self.sequence, self.column]  # [N], 1-based t
         self.lengths = mask.sum(dim=1)  # [B], T per sequence
@@ -202,11 +210,19 @@ class _Chunk:
     labels: Tensor  # [c]
     position: Tensor  # [c]
     length: Tensor  # [c]
+    # Index of each position in the flattened [B·T] positions, and the chunk's (start, stop) there when its
+    # positions are consecutive, else None.
+    flat: Tensor | None = None
+    span: tuple[int, int] | None = None
     values: dict[str, Tensor] = field(default_factory=dict)
-    # The student's logits rows [c, V] and, on the hidden-state path, the float32 operands they came from.
+    # Whether every entry of a value is finite, for the log-probabilities whose kernels have a fast path.
+    finite: dict[str, bool] = field(default_factory=dict)
+    # The student's logits rows [c, V], kept for graphs that read them more than once (one input node per
+    # sampling group), except on the fused hidden-state path, where each read projects `grad_leaf` again.
     student_rows: Tensor | None = None
-    student_hidden_rows: Tensor | None = None
-    student_head: Tensor | None = None
+    # The tensor the fused pass takes the chunk's gradient with respect to: the student's logits rows [c, V],
+    # or on the hidden-state path its hidden rows [c, H] (the head's gradient is added by _HeadProjection).
+    grad_leaf: Tensor | None = None
 
 
 # --- The module ---------------------------------------------------------------------------
@@ -505,6 +521,8 @@ class _Call:
     sequence_values: dict[str, Tensor] = field(default_factory=dict)
     floats: dict[tuple[str, str], Any] = field(default_factory=dict)
     heads: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    # Gradient buffers of the fused pass, set while the chunk loop of a call that needs a gradient runs.
+    accumulator: "_GradientAccumulator | None" = None
 
     def head(self, side: str) -> tuple[Tensor, Tensor | None]:
         """Return a model's head weight [V, H] and bias [V] in float32, converted once per call."""
@@ -546,6 +564,7 @@ class _Call:
         chunk_size = self.rows_per_chunk() if fused else max(self.rows.count, 1)
         totals = {term.name: torch.zeros((), dtype=torch.float32, device=self.rows.labels.device) for term in self.plan.terms}
         accumulator = _GradientAccumulator(student, self.rows) if fused and wants_grad else None
+        self.accumulator = accumulator
         dense_loss = None
 
         for chunk in self.chunks(chunk_size):
@@ -554,7 +573,7 @@ class _Call:
                 chunk_loss = sum(contributions.values()) / denominator
             for name, value in contributions.items():
                 totals[name] = totals[name] + value.detach() / denominator
-            if accumulator is not None and chunk_loss.requires_grad:
+            if accumulator is not None:
                 accumulator.add(chunk, chunk_loss)
             elif not fused:
                 dense_loss = chunk_loss
@@ -586,9 +605,29 @@ class _Call:
 
     def chunks(self, size: int):
         rows = self.rows
-        for start in range(0, rows.count, size):
-            part = slice(start, min(start + size, rows.count))
-            yield _Chunk(part, rows.sequence[part], rows.column[part], rows.labels[part], rows.position[part], rows.length[part])
+        parts = [slice(start, min(start + size, rows.count)) for start in range(0, rows.count, size)]
+        for part, span in zip(parts, self._spans(parts)):
+            chunk = _Chunk(part, rows.sequence[part], rows.column[part], rows.labels[part], rows.position[part], rows.length[part])
+            chunk.flat, chunk.span = rows.flat[part], span
+            yield chunk
+
+    def _spans(self, parts: list[slice]) -> list[tuple[int, int] | None]:
+        """Return each chunk's range in the flattened [B·T] positions where its positions are consecutive, else None.
+
+        A chunk inside one sequence, or across sequences with no prompt or padding between them, reads its
+        rows as a view of [B, T, V] inputs instead of a gathered copy. One transfer to the host for all chunks.
+        """
+        if not parts:
+            return []
+        flat = self.rows.flat
+        first = flat[[part.start for part in parts]]
+        last = flat[[part.stop - 1 for part in parts]]
+        sizes = torch.tensor([part.stop - part.start for part in parts], device=flat.device)
+        consecutive = (last - first + 1) == sizes
+        spans = []
+        for start, size, ok in zip(first.tolist(), sizes.tolist(), consecutive.tolist()):
+            spans.append((start, start + size) if ok else None)
+        return spans
 
     def sequence_pass(self) -> None:
         """Evaluate per-sequence nodes: log-probabilities of whole responses (one cheap pass) and their weights."""
@@ -664,33 +703,32 @@ class _GradientAccumulator:
         self.rows = rows
         self.grads: dict[str, Tensor] = {}
         if student.logits is not None:
-            self.grads["logits"] = torch.zeros_like(student.logits)
+            # Every valid row is written by a chunk, so only the other rows are zeroed (in attach). The buffer is
+            # contiguous whatever the strides of the logits, so chunks write to it with row copies.
+            logits = student.logits
+            self.grads["logits"] = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         else:
-            self.grads["hidden"] = torch.zeros_like(student.hidden)
+            self.grads["hidden"] = torch.zeros(student.hidden.shape, dtype=student.hidden.dtype, device=student.hidden.device)
             self.grads["head"] = torch.zeros(student.head.shape, dtype=torch.float32, device=student.head.device)
             if student.bias is not None:
                 self.grads["bias"] = torch.zeros(student.bias.shape, dtype=torch.float32, device=student.bias.device)
 
     def add(self, chunk: _Chunk, chunk_loss: Tensor) -> None:
-        (grad_rows,) = torch.autograd.grad(chunk_loss, chunk.student_rows, allow_unused=True)  # [c, V]
-        if grad_rows is None:
-            return
+        """Store the chunk's gradient: its logits rows, or its hidden rows (the head's part is added in backward)."""
+        grad = None
+        if chunk_loss.requires_grad and chunk.grad_leaf is not None:
+            (grad,) = torch.autograd.grad(chunk_loss, chunk.grad_leaf, allow_unused=True)  # [c, V] or [c, H]
         if "logits" in self.grads:
-            logits = self.grads["logits"]
-            logits[chunk.sequence, chunk.column] = grad_rows.to(logits.dtype)
-            return
-        hidden_rows = chunk.student_hidden_rows  # [c, H] float32
-        weight = chunk.student_head  # [V, H] float32
-        hidden = self.grads["hidden"]
-        hidden[chunk.sequence, chunk.column] = (grad_rows @ weight).to(hidden.dtype)
-        self.grads["head"].addmm_(grad_rows.t(), hidden_rows)
-        if "bias" in self.grads:
-            self.grads["bias"].add_(grad_rows.sum(dim=0))
+            _write_rows(self.grads["logits"], chunk, grad if grad is not None else 0.0)
+        elif grad is not None:
+            _write_rows(self.grads["hidden"], chunk, grad)
 
     def attach(self, value: Tensor) -> Tensor:
         """Return `value` as a loss whose backward pass hands out the collected gradients."""
         student = self.student
         if "logits" in self.grads:
+            skipped = (~self.rows.mask).flatten().nonzero().squeeze(1)  # positions no chunk visits
+            self.grads["logits"].view(-1, self.grads["logits"].shape[-1]).index_fill_(0, skipped, 0.0)
             pairs = [(student.logits, self.grads["logits"])]
         else:
             pairs = [(student.hidden, self.grads["hidden"]), (student.head, self.grads["head"])]
@@ -700,6 +738,29 @@ class _GradientAccumulator:
         inputs = [tensor for tensor, _ in pairs]
         grads = [grad for _, grad in pairs]
         return _PrecomputedGradients.apply(value.detach(), len(inputs), *inputs, *grads)
+
+
+class _HeadProjection(torch.autograd.Function):
+    """One chunk's student logits, hidden [c, H] @ head.T [H, V] (+ bias), inside the fused pass.
+
+    The backward pass adds the gradients of the head and bias to the accumulator's buffers in place and
+    returns only the gradient of the hidden rows. So autograd keeps neither the logits rows nor their
+    gradient once they are used, and no head-sized gradient is allocated per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, grads: dict[str, Tensor]) -> Tensor:
+        ctx.save_for_backward(hidden, weight)
+        ctx.grads = grads
+        return torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        hidden, weight = ctx.saved_tensors
+        ctx.grads["head"].addmm_(grad_rows.t(), hidden)
+        if "bias" in ctx.grads:
+            ctx.grads["bias"].add_(grad_rows.sum(dim=0))
+        return grad_rows @ weight, None, None, None
 
 
 class _PrecomputedGradients(torch.autograd.Function):
@@ -746,27 +807,26 @@ def _emit_input(call: _Call, node: Node, chunk: _Chunk) -> Tensor:
 
 
 def _student_rows(call: _Call, chunk: _Chunk) -> Tensor:
-    """Return the student's logits rows [c, V] in float32; in the fused pass they are an autograd leaf."""
+    """Return the student's logits rows [c, V] in float32. In the fused pass they derive from `chunk.grad_leaf`."""
     if chunk.student_rows is not None:
         return chunk.student_rows
     student = call.models["student"]
-    leaf = call.module.fused and torch.is_grad_enabled()
+    leaf = call.accumulator is not None and torch.is_grad_enabled()
     if student.logits is not None:
-        rows = student.logits[chunk.sequence, chunk.column]  # [c, V], no copy of the whole (possibly strided) input
-        rows = rows.detach().float().requires_grad_() if leaf else rows.float()
-    else:
-        hidden = student.hidden[chunk.sequence, chunk.column].float()  # [c, H]
-        weight, bias = call.head("student")  # [V, H], [V]
+        rows = _read_rows(student.logits, chunk)  # [c, V], no copy of the whole (possibly strided) input
         if leaf:
-            hidden, weight = hidden.detach(), weight.detach()
-            bias = bias.detach() if bias is not None else None
-            chunk.student_hidden_rows = hidden
-            chunk.student_head = weight
-        rows = torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()  # [c, V]
-        if leaf:
-            rows = rows.requires_grad_()
-    chunk.student_rows = rows
-    return rows
+            chunk.grad_leaf = rows = rows.detach().float().requires_grad_()
+        chunk.student_rows = rows.float()
+        return chunk.student_rows
+    weight, bias = call.head("student")  # [V, H], [V]
+    if not leaf:
+        hidden = _read_rows(student.hidden, chunk).float()  # [c, H]
+        chunk.student_rows = torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()
+        return chunk.student_rows
+    if chunk.grad_leaf is None:
+        chunk.grad_leaf = _read_rows(student.hidden, chunk).float().detach().requires_grad_()  # [c, H]
+    bias = bias.detach() if bias is not None else None
+    return _HeadProjection.apply(chunk.grad_leaf, weight.detach(), bias, call.accumulator.grads)
 
 
 def _frozen_rows(call: _Call, side: str, chunk: _Chunk) -> Tensor:
@@ -774,10 +834,42 @@ def _frozen_rows(call: _Call, side: str, chunk: _Chunk) -> Tensor:
     model = call.models[side]
     with torch.no_grad():
         if model.logits is not None:
-            return model.logits[chunk.sequence, chunk.column].float()
-        hidden = model.hidden[chunk.sequence, chunk.column].float()  # [c, H]
+            return _read_rows(model.logits, chunk).float()
+        hidden = _read_rows(model.hidden, chunk).float()  # [c, H]
         weight, bias = call.head(side)
         return torch.addmm(bias, hidden, weight.t()) if bias is not None else hidden @ weight.t()
+
+
+def _flat_view(tensor: Tensor) -> Tensor | None:
+    """Return a [B·T, ...] view of a [B, T, ...] tensor, or None where its strides allow no such view."""
+    if tensor.shape[0] > 1 and tensor.stride(0) != tensor.shape[1] * tensor.stride(1):
+        return None
+    return tensor.view(-1, *tensor.shape[2:])
+
+
+def _read_rows(tensor: Tensor, chunk: _Chunk) -> Tensor:
+    """Return the chunk's rows of a [B, T, ...] tensor: a view where they are consecutive in memory, else a copy."""
+    flat = _flat_view(tensor)
+    if flat is None:
+        return tensor[chunk.sequence, chunk.column]
+    if chunk.span is not None:
+        return flat[chunk.span[0]:chunk.span[1]]
+    return flat.index_select(0, chunk.flat)
+
+
+def _write_rows(target: Tensor, chunk: _Chunk, rows: Tensor | float) -> None:
+    """Write `rows` ([c, ...] or a number) to the chunk's positions of a [B, T, ...] tensor."""
+    if isinstance(rows, Tensor):
+        rows = rows.to(target.dtype)
+    flat = _flat_view(target)
+    if flat is None:
+        target[chunk.sequence, chunk.column] = rows
+    elif chunk.span is not None:
+        flat[chunk.span[0]:chunk.span[1]] = rows
+    elif isinstance(rows, Tensor):
+        flat.index_copy_(0, chunk.flat, rows)
+    else:
+        flat.index_fill_(0, chunk.flat, rows)
 
 
 def _emit_valid(call: _Call, node: Node, chunk: _Chunk) -> Tensor:
@@ -796,23 +888,41 @@ def _emit_log_softmax(call: _Call, node: Node, chunk: _Chunk) -> Tensor:
     logits = chunk.values[node.inputs[0]]  # [c, V]
     if node.type.shape[-1] == "V" and call.vocab is not None and logits.shape[-1] > call.vocab:
         logits = logits[:, : call.vocab]  # drop padded head rows (head.policy)
-    return numerics.log_softmax(logits, temperature=call.value(node, "temperature"), top_k=node.attr("top_k"))
+    logp = numerics.log_softmax(logits, temperature=call.value(node, "temperature"), top_k=node.attr("top_k"))
+    # One check per distribution and chunk, so that its kernels take the fast path without checking again.
+    chunk.finite[node.name] = numerics.all_finite(logp)
+    return logp
+
+
+def _known_finite(chunk: _Chunk, names: tuple[str, ...]) -> bool | None:
+    """Return True when every named value is known finite, False when one is known not to be, else None."""
+    known = [chunk.finite.get(name) for name in names]
+    if False in known:
+        return False
+    return True if all(known) else None
 
 
 def _emit_mixture(call: _Call, node: Node, chunk: _Chunk) -> Tensor:
-    return numerics.log_mixture([chunk.values[name] for name in node.inputs], call.value(node, "weights"))
+    finite = _known_finite(chunk, node.inputs)
+    if finite:
+        chunk.finite[node.name] = True  # float weights: a mixture of finite log-probabilities is finite
+    return numerics.log_mixture([chunk.values[name] for name in node.inputs], call.value(node, "weights"), finite=finite)
 
 
-def _pair(function: Callable[[Tensor, Tensor], Tensor]) -> Callable[[_Call, Node, _Chunk], Tensor]:
+def _pair(function: Callable[..., Tensor], *, finite_hint: bool = False) -> Callable[[_Call, Node, _Chunk], Tensor]:
+    """Emit a kernel of two log-probabilities. With `finite_hint` it passes the chunk's record of their finiteness."""
+
     def emit(call: _Call, node: Node, chunk: _Chunk) -> Tensor:
         first, second = node.inputs
+        if finite_hint:
+            return function(chunk.values[first], chunk.values[second], finite=_known_finite(chunk, node.inputs))
         return function(chunk.values[first], chunk.values[second])
 
     return emit
 
 
 def _emit_entropy(call: _Call, node: Node, chunk: _Chunk) -> Tensor:
-    return numerics.entropy(chunk.values[node.inputs[0]])
+    return numerics.entropy(chunk.values[node.inputs[0]], finite=_known_finite(chunk, node.inputs))
 
 
 def _emit_f_divergence(call: _Call, node: Node, chunk: _Chunk) -> Tensor:
@@ -879,8 +989,8 @@ _EMITTERS: dict[str, Callable[[_Call, Node, _Chunk], Tensor]] = {
     "length": _emit_length,
     "log_softmax": _emit_log_softmax,
     "mixture": _emit_mixture,
-    "kl": _pair(numerics.kl),
-    "cross_entropy": _pair(numerics.cross_entropy),
+    "kl": _pair(numerics.kl, finite_hint=True),
+    "cross_entropy": _pair(numerics.cross_entropy, finite_hint=True),
     "total_variation": _pair(numerics.total_variation),
     "uld": _pair(numerics.uld),
     "entropy": _emit_entropy,

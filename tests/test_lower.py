@@ -169,7 +169,7 @@ def test_bf16_inputs_accumulate_in_float32():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "dense"])
-@pytest.mark.parametrize("name", ["three_terms", "js_0.1", "sequence_reduction"])
+@pytest.mark.parametrize("name", ["three_terms", "js_0.1", "sequence_reduction", "two_groups"])
 def test_hidden_state_inputs(name, fused):
     case = CASES[CASE_NAMES.index(name)]
     _, _, _, labels = make_batch(seed=7)
@@ -209,6 +209,48 @@ def test_strided_logits_slice():
     assert_close(result.loss, expected, "loss")
     assert_close(grad[:, :-1], expected_grad, "student gradient")
     assert torch.count_nonzero(grad[:, -1]) == 0
+
+
+def test_permuted_logits_without_flat_view():
+    # Logits stored as [T, B, V] and permuted to [B, T, V] have no [B·T, V] view, so chunks gather their rows.
+    case = CASES[CASE_NAMES.index("js_0.1")]
+    student, teacher, ref, labels = make_batch(seed=18)
+    stored = student.detach().transpose(0, 1).contiguous().requires_grad_()
+    compiled = lower(ir.build(case.objective), case.objective, chunk_size=4)
+    result = compiled(**call_kwargs(case, stored.transpose(0, 1), teacher.transpose(0, 1).contiguous().transpose(0, 1), ref, labels))
+    (grad,) = torch.autograd.grad(result.loss, stored)
+
+    expected, expected_grad = reference_value_and_grad(case, student, teacher, ref, labels)
+    assert_close(result.loss, expected, "loss")
+    assert_close(grad.transpose(0, 1), expected_grad, "student gradient")
+
+
+def test_unscored_positions_get_exact_zero_gradient():
+    # The gradient buffer is not zero-filled: only rows no chunk visits are zeroed. A second call reuses freed memory.
+    case = CASES[CASE_NAMES.index("kl_forward")]
+    compiled = lower(ir.build(case.objective), case.objective, chunk_size=4)
+    for seed in (19, 20):
+        student, teacher, ref, labels = make_batch(seed=seed)
+        result = compiled(**call_kwargs(case, student, teacher, ref, labels))
+        (grad,) = torch.autograd.grad(result.loss, student)
+        assert torch.count_nonzero(grad[labels == -100]) == 0
+        assert torch.count_nonzero(grad[labels != -100]) > 0
+
+
+@pytest.mark.parametrize("name", ["kl_forward", "js_half", "three_terms"])
+def test_chunks_with_and_without_infinite_logits(name):
+    # Only some chunks hold -inf teacher logits: those take the masked kernels, the others the fast ones.
+    case = CASES[CASE_NAMES.index(name)]
+    student, teacher, ref, labels = make_batch(seed=21)
+    with torch.no_grad():
+        teacher[1, 2:4, :3] = float("-inf")
+    compiled = lower(ir.build(case.objective), case.objective, chunk_size=2)
+    result = compiled(**call_kwargs(case, student, teacher, ref, labels))
+    (grad,) = torch.autograd.grad(result.loss, student)
+
+    expected, expected_grad = reference_value_and_grad(case, student, teacher, ref, labels)
+    assert_close(result.loss, expected, "loss")
+    assert_close(grad, expected_grad, "student gradient")
 
 
 def test_hidden_state_requires_head():
