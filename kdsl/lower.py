@@ -47,13 +47,16 @@ logger = logging.getLogger("kdsl.lower")
 
 IGNORE_INDEX = -100
 
-# Default bound on rows × vocabulary of one chunk. The kernels of a chunk keep about 9 (KL) to
-# 18 (JS) chunk-sized float32 tensors alive, so 1M logits (4 MiB) per tensor keeps the working set
-# near 40-80 MiB.
+# Default bound on rows × vocabulary of one chunk. At their peak the kernels of a chunk keep about 5
+# (KL) to 9 (JS, or λ·KL + CE + SKL) chunk-sized float32 tensors alive, as measured with
+# benchmarks/loss_bench.py. So 1M logits (4 MiB) per tensor keep the working set near 20-40 MiB.
 CHUNK_ELEMENTS = 1 << 20
-# From hidden states every chunk reads the head [V, H] twice and updates its gradient, about 16·V·H
-# bytes for 6·rows·V·H flops, so chunks keep at least this many rows to stay compute-bound.
-HIDDEN_MIN_ROWS = 128
+# From hidden states every chunk reads the student's head [V, H] twice and the teacher's once and
+# updates the student's head gradient, about 20·V·H bytes for 8·rows·V·H flops, so few rows make
+# those matrix products slow. Chunks keep at least this many rows. With 32 rows and H ≥ 1024 the working set (5 to 9 tensors of rows × V) is a
+# sixth (KL) to a quarter (JS) of the head gradient [V, H] that the pass returns anyway. More rows
+# run the products faster for a higher peak: pass max_chunk_elements to choose.
+HIDDEN_MIN_ROWS = 32
 
 # Nodes evaluated once per call on whole sequences, before the chunk loop.
 SEQUENCE_OPS = ("sequence_logp", "sequence_length", "sequence_weight", "schedule")
