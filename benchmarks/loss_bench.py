@@ -12,7 +12,11 @@ subprocess on the same seeded inputs:
    This worker runs with `MALLOC_MMAP_THRESHOLD_=65536`, so glibc returns
    freed tensors to the system and the peak counts live memory only;
 3. time, in a second worker with the default allocator: one warm-up pass,
-   then the median of `--repeats` forward+backward passes.
+   then the median of `--repeats` forward+backward passes;
+4. with `--check`, the time worker of each `kdsl` and `kdsl-separate` case
+   then runs the dense loss on the same inputs and reports the largest
+   difference of the value and of the gradients, relative to the dense
+   ones.
 
 Implementations:
 
@@ -257,8 +261,25 @@ def run_worker(spec: dict, measure: str) -> dict:
         start = time.perf_counter()
         value, grads = step(inputs)
         times.append(time.perf_counter() - start)
-        del value, grads
-    return {"median_s": statistics.median(times), "threads_used": torch.get_num_threads()}
+        if not (spec.get("check") and spec["implementation"].startswith("kdsl")):
+            del value, grads
+    result = {"median_s": statistics.median(times), "threads_used": torch.get_num_threads()}
+    if spec.get("check") and spec["implementation"].startswith("kdsl"):
+        result.update(compare_with_dense(spec, inputs, value, grads))
+    return result
+
+
+def compare_with_dense(spec: dict, inputs: dict, value, grads) -> dict:
+    """Return the largest differences of a loss value and its gradients from the dense loss, relative to dense."""
+    import torch
+
+    dense_value, dense_grads = make_step("dense", spec["loss"], spec["mode"], spec["chunk_size"])(inputs)
+    value_error = abs(float(value.detach()) - float(dense_value.detach())) / abs(float(dense_value.detach()))
+    grad_error = 0.0
+    for grad, dense_grad in zip(grads, dense_grads):
+        scale = float(dense_grad.abs().max())
+        grad_error = max(grad_error, float((grad - dense_grad).abs().max()) / scale if scale > 0 else 0.0)
+    return {"value_error": value_error, "grad_error": grad_error}
 
 
 # --- The driver ---------------------------------------------------------------------------------
@@ -285,8 +306,20 @@ def run_case(spec: dict) -> dict:
     return result
 
 
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """Parse `N:V,N:V` (tokens and vocabulary size of each case) into a list of pairs."""
+    sizes = []
+    for item in text.split(","):
+        try:
+            tokens, vocab = (int(part) for part in item.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid size {item!r}; expected N:V, for example 2048:32000") from None
+        sizes.append((tokens, vocab))
+    return sizes
+
+
 def cases(args) -> list[dict]:
-    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     hidden = QUICK_HIDDEN if args.quick else FULL_HIDDEN
     selected = []
     for mode in args.modes:
@@ -297,7 +330,7 @@ def cases(args) -> list[dict]:
                         selected.append({
                             "mode": mode, "tokens": tokens, "vocab": vocab, "hidden": hidden, "loss": loss,
                             "implementation": implementation, "repeats": args.repeats, "threads": args.threads,
-                            "chunk_size": args.chunk_size,
+                            "chunk_size": args.chunk_size, "check": args.check,
                         })
     return selected
 
@@ -305,14 +338,16 @@ def cases(args) -> list[dict]:
 def markdown(results: list[dict]) -> str:
     """Format results as a table with time and memory relative to `dense` on the same case."""
     dense = {(r["mode"], r["tokens"], r["vocab"], r["loss"]): r for r in results if r["implementation"] == "dense" and "error" not in r}
-    lines = [
-        "| input | N | V | loss | implementation | fwd+bwd ms | × dense | peak MiB | × dense | beyond grads MiB | × dense | value |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    checked = any("grad_error" in r for r in results)
+    columns = ["input", "N", "V", "loss", "implementation", "fwd+bwd ms", "× dense", "peak MiB", "× dense",
+               "beyond grads MiB", "× dense", "value"]
+    if checked:
+        columns += ["value Δ vs dense", "grad Δ vs dense"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         head = f"| {r['mode']} | {r['tokens']} | {r['vocab']} | {r['loss']} | {r['implementation']} "
         if "error" in r:
-            lines.append(head + f"| failed: {r['error']} | | | | | | |")
+            lines.append(head + f"| failed: {r['error']} " + "| " * (len(columns) - 6) + "|")
             continue
         base = dense.get((r["mode"], r["tokens"], r["vocab"], r["loss"]))
         beyond = r["peak_mib"] - r["grad_mib"]
@@ -320,17 +355,22 @@ def markdown(results: list[dict]) -> str:
         def ratio(value, reference):
             return f"{value / reference:.2f}" if reference and reference > 0 else "n/a"
 
-        lines.append(
+        line = (
             head + f"| {1000 * r['median_s']:.1f} | {ratio(r['median_s'], base and base['median_s'])} "
             f"| {r['peak_mib']:.0f} | {ratio(r['peak_mib'], base and base['peak_mib'])} "
             f"| {beyond:.0f} | {ratio(beyond, base and base['peak_mib'] - base['grad_mib'])} | {r['value']:.6g} |"
         )
+        if checked:
+            line += f" {r['value_error']:.1e} | {r['grad_error']:.1e} |" if "grad_error" in r else " | |"
+        lines.append(line)
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (N, V) in " + str(QUICK_SIZES) + f", H={QUICK_HIDDEN}")
+    parser.add_argument("--sizes", type=parse_sizes,
+                        help="comma-separated N:V pairs to run instead of the default sizes, for example 4096:50257")
     parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward passes per case (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (default 0: torch's default)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="kdsl chunk size in tokens (default 1024)")
@@ -338,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES), help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--implementations", type=lambda s: s.split(","), default=list(IMPLEMENTATIONS),
                         help="comma-separated subset of " + ",".join(IMPLEMENTATIONS))
+    parser.add_argument("--check", action="store_true",
+                        help="also run the dense loss after each kdsl case and report the relative differences "
+                             "of the value and the gradients (max over entries, relative to the largest dense entry)")
     parser.add_argument("--json", type=Path, help="also write the raw results to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=("memory", "time"), help=argparse.SUPPRESS)
