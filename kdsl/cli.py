@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a run directory or checkpoint folder (repeatable: curves are overlaid)")
     evaluate.add_argument("--out", default=None, help="folder for the table, CSV/JSON files and the plot "
                           "(default: eval/ inside the first checkpoint)")
-    evaluate.add_argument("--split", default="test", choices=("validation", "test"), help="held-out split to evaluate on")
+    evaluate.add_argument("--split", default="test", choices=("validation", "test"), help="held-out split to evaluate on (default test, which training never reads; "
+                          "the report of kdsl run uses validation)")
     return parser
 
 

@@ -547,6 +547,16 @@ def heldout_metrics(
 # --- Generation ------------------------------------------------------------------------
 
 
+def _quiet_absl() -> None:
+    """Raise absl's log threshold to warnings, so rouge-score's info messages stay off the terminal."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        return
+    if absl_logging.get_verbosity() > absl_logging.WARNING:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 @contextlib.contextmanager
 def _plain_generation_config(model: torch.nn.Module) -> Iterator[None]:
     """Hide the model's own generation defaults (penalties, top-k) while kdsl generates.
@@ -694,6 +704,7 @@ def rouge_l(
 
     generations = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in continuations]
     references = [response for _, response in pairs]
+    _quiet_absl()  # rouge-score logs "Using default tokenizer." at info level on every scorer
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
     scores = [scorer.score(ref, gen)["rougeL"].fmeasure for ref, gen in zip(references, generations)]
 
