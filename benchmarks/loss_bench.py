@@ -166,7 +166,7 @@ def make_inputs(mode: str, tokens: int, vocab: int, hidden: int):
     }
 
 
-def make_step(implementation: str, loss: str, mode: str, chunk_size: int):
+def make_step(implementation: str, loss: str, mode: str, chunk_size: int, max_chunk_elements: int | None = None):
     """Return a function of the inputs that computes the loss and its gradients (one fwd+bwd)."""
     import torch
 
@@ -185,7 +185,10 @@ def make_step(implementation: str, loss: str, mode: str, chunk_size: int):
 
         whole, parts = objectives(loss)
         selected = [whole] if implementation == "kdsl" else parts
-        modules = [lower(ir.build(objective), objective, chunk_size=chunk_size) for objective in selected]
+        modules = [
+            lower(ir.build(objective), objective, chunk_size=chunk_size, max_chunk_elements=max_chunk_elements)
+            for objective in selected
+        ]
 
         def step(inputs):
             value = sum(module(**inputs, epoch=EPOCH).loss for module in modules)
@@ -239,7 +242,7 @@ def run_worker(spec: dict, measure: str) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     inputs = make_inputs(spec["mode"], spec["tokens"], spec["vocab"], spec["hidden"])
-    step = make_step(spec["implementation"], spec["loss"], spec["mode"], spec["chunk_size"])
+    step = make_step(spec["implementation"], spec["loss"], spec["mode"], spec["chunk_size"], spec.get("chunk_elements"))
 
     if measure == "memory":
         # Peak resident size of the first pass above the resident size just before it.
@@ -330,7 +333,7 @@ def cases(args) -> list[dict]:
                         selected.append({
                             "mode": mode, "tokens": tokens, "vocab": vocab, "hidden": hidden, "loss": loss,
                             "implementation": implementation, "repeats": args.repeats, "threads": args.threads,
-                            "chunk_size": args.chunk_size, "check": args.check,
+                            "chunk_size": args.chunk_size, "chunk_elements": args.chunk_elements, "check": args.check,
                         })
     return selected
 
@@ -374,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward passes per case (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (default 0: torch's default)")
     parser.add_argument("--chunk-size", type=int, default=1024, help="kdsl chunk size in tokens (default 1024)")
+    parser.add_argument("--chunk-elements", type=int,
+                        help="kdsl max_chunk_elements: logits per chunk, which sets the rows of a chunk to this "
+                             "divided by V (default: kdsl's own, 1M logits and at least 32 rows from hidden states)")
     parser.add_argument("--losses", type=lambda s: s.split(","), default=list(LOSSES), help="comma-separated subset of " + ",".join(LOSSES))
     parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES), help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--implementations", type=lambda s: s.split(","), default=list(IMPLEMENTATIONS),
