@@ -102,6 +102,16 @@ def lower(
 
 
 @dataclass
+class SequenceWeights:
+    """The sequence weights ρ(w) that one term applied to a batch, one float64 value per row."""
+
+    applied: Tensor  # [B], after rho.clip
+    unclipped: Tensor  # [B], before rho.clip
+    scored: Tensor  # [B] bool: rows with at least one scored token
+    clip: float | None
+
+
+@dataclass
 class LossResult:
     """The value of a compiled objective on one batch.
 
@@ -110,11 +120,14 @@ class LossResult:
     (coefficient included, so the values sum to `loss`). `num_items` is the
     denominator: valid tokens (token reduction) or sequences with at least
     one valid token (sequence reduction), or the `num_items` passed in.
+    `sequence_weights` maps the name of each term with a sequence weight to
+    the weights it applied.
     """
 
     loss: Tensor
     terms: dict[str, Tensor]
     num_items: int | float | Tensor
+    sequence_weights: dict[str, SequenceWeights] = field(default_factory=dict)
 
 
 # --- Inputs of one call -----------------------------------------------------------------
@@ -522,6 +535,7 @@ class _Call:
     schedule: dict[str, float]
     vocab: int | None
     sequence_values: dict[str, Tensor] = field(default_factory=dict)
+    unclipped_weights: dict[str, Tensor] = field(default_factory=dict)  # float64 [B] per sequence_weight node
     floats: dict[tuple[str, str], Any] = field(default_factory=dict)
     heads: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
     # Gradient buffers of the fused pass, set while the chunk loop of a call that needs a gradient runs.
@@ -592,7 +606,21 @@ class _Call:
         else:
             loss = detached_total.detach()
         terms = {self.module.term_keys[name]: value.detach() for name, value in totals.items()}
-        return LossResult(loss=loss, terms=terms, num_items=num_items)
+        return LossResult(loss=loss, terms=terms, num_items=num_items, sequence_weights=self.applied_weights())
+
+    def applied_weights(self) -> dict[str, SequenceWeights]:
+        """Return the sequence weights of each weighted term of this call, keyed by the term's name."""
+        result = {}
+        scored = self.rows.lengths > 0
+        for term in self.plan.terms:
+            name = term.named_input("seq_weight")
+            if name is None:
+                continue
+            clip = self.module.graph.node(name).attr("clip")
+            unclipped = self.unclipped_weights[name]
+            applied = unclipped.clamp(max=clip) if clip is not None else unclipped
+            result[self.module.term_keys[term.name]] = SequenceWeights(applied, unclipped, scored, clip)
+        return result
 
     def rows_per_chunk(self) -> int:
         """Return `chunk_size`, lowered so one chunk's logits of the widest model fit `max_chunk_elements`.
@@ -664,6 +692,7 @@ class _Call:
         with torch.no_grad():
             weight = scalars.evaluate(node.attr("expr"), bindings, dtype=torch.float64)
         weight = weight.expand(self.rows.batch) if weight.dim() == 0 else weight
+        self.unclipped_weights[node.name] = weight
         clip = node.attr("clip")
         return (weight.clamp(max=clip) if clip is not None else weight).float()
 

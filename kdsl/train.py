@@ -344,8 +344,7 @@ class Trainer:
             num_items=num_items, group=group,
         )
         if self.weight_stats is not None:
-            self.weight_stats.observe(labels, group=group, epoch=point.epoch, step=point.step, progress=point.progress,
-                                      student_logits=student_logits, **frozen)
+            self.weight_stats.observe(result)
         return result
 
     def forward_two_streams(self, batch: Batch, group: int, num_items: int, point: DrawPoint) -> Any:

@@ -49,16 +49,17 @@ def hand_batch(label_probs: list[list[float]], width: int = 3):
     return labels, student, ref
 
 
-def observe(stats: SequenceWeightStats, label_probs: list[list[float]]) -> None:
+def observe(module, stats: SequenceWeightStats, label_probs: list[list[float]]) -> None:
     labels, student, ref = hand_batch(label_probs)
-    stats.observe(labels, group=0, epoch=0.0, step=0, progress=0.0, student_logits=student, ref_logits=ref)
+    stats.observe(module(student_logits=student, labels=labels, ref_logits=ref))
 
 
 def test_mean_and_clipped_share_hand_computed():
-    stats = SequenceWeightStats.for_module(kdsl.compile(DIMP, settings={"rho.clip": 3.0}))
+    module = kdsl.compile(DIMP, settings={"rho.clip": 3.0})
+    stats = SequenceWeightStats.for_module(module)
     # Per token ρ is ref/q = 4·p, and over a response the geometric mean of those ratios:
     # [0.5, 0.5] → 2, [0.5, 0.125] → sqrt(2 · 0.5) = 1, [0.9] → 3.6 (clipped to 3), [] → not counted.
-    observe(stats, [[0.5, 0.5], [0.5, 0.125], [0.9], []])
+    observe(module, stats, [[0.5, 0.5], [0.5, 0.125], [0.9], []])
     metrics = stats.collect()
     assert set(metrics) == {"rho/mean", "rho/clipped"}
     assert metrics["rho/mean"] == pytest.approx((2.0 + 1.0 + 3.0) / 3, rel=1e-6)
@@ -66,9 +67,10 @@ def test_mean_and_clipped_share_hand_computed():
 
 
 def test_batches_accumulate_until_collect():
-    stats = SequenceWeightStats.for_module(kdsl.compile(DIMP, settings={"rho.clip": 3.0}))
-    observe(stats, [[0.5, 0.5], [0.9]])  # 2 and 3.6 → 3 (clipped)
-    observe(stats, [[0.125, 0.125, 0.125]])  # 0.5
+    module = kdsl.compile(DIMP, settings={"rho.clip": 3.0})
+    stats = SequenceWeightStats.for_module(module)
+    observe(module, stats, [[0.5, 0.5], [0.9]])  # 2 and 3.6 → 3 (clipped)
+    observe(module, stats, [[0.125, 0.125, 0.125]])  # 0.5
     metrics = stats.collect()
     assert metrics["rho/mean"] == pytest.approx((2.0 + 3.0 + 0.5) / 3, rel=1e-6)
     assert metrics["rho/clipped"] == pytest.approx(1 / 3)
@@ -76,8 +78,9 @@ def test_batches_accumulate_until_collect():
 
 
 def test_without_clip_logs_mean_only():
-    stats = SequenceWeightStats.for_module(kdsl.compile(DIMP))
-    observe(stats, [[0.9], [0.5, 0.5]])
+    module = kdsl.compile(DIMP)
+    stats = SequenceWeightStats.for_module(module)
+    observe(module, stats, [[0.9], [0.5, 0.5]])
     assert stats.collect() == {"rho/mean": pytest.approx((3.6 + 2.0) / 2, rel=1e-6)}
 
 
@@ -87,8 +90,7 @@ def test_two_weighted_terms_keyed_by_term():
     module = kdsl.compile(text, settings={"rho.clip": 3.0})
     stats = SequenceWeightStats.for_module(module)
     labels, student, ref = hand_batch([[0.5, 0.5], [0.25]])  # ρ = 2 and 1, so ρ² = 4 (clipped to 3) and 1
-    stats.observe(labels, group=0, epoch=0.0, step=0, progress=0.0, student_logits=student, ref_logits=ref,
-                  teacher_logits=torch.zeros_like(student))
+    stats.observe(module(student_logits=student, labels=labels, ref_logits=ref, teacher_logits=torch.zeros_like(student)))
     metrics = stats.collect()
     keys = list(module.term_keys.values())
     assert len(keys) == 2
