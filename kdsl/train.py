@@ -326,7 +326,7 @@ class Trainer:
 
     def forward(self, batch: Batch, group: int, num_items: int, point: DrawPoint) -> Any:
         """Teacher forward without gradient, student forward, compiled loss of one group."""
-        if self.projected or (self.teacher_tokenizer is not None and "teacher_logits" in self.inputs[group]):
+        if self.projected:
             return self.forward_two_streams(batch, group, num_items, point)
         frozen = {}
         for role, model in (("teacher_logits", self.teacher), ("ref_logits", self.ref)):
@@ -348,7 +348,7 @@ class Trainer:
         return result
 
     def forward_two_streams(self, batch: Batch, group: int, num_items: int, point: DrawPoint) -> Any:
-        """Forward of a projected objective: each model reads its own tokens, the loss gets both streams.
+        """Run both models on their own tokens and the projected loss on both streams.
 
         With different tokenizers the teacher reads the batch re-encoded by its
         own tokenizer (`kdsl.teacher_tokens.teacher_batch`); with one tokenizer
@@ -365,31 +365,26 @@ class Trainer:
         else:
             teacher_ids, teacher_mask, teacher_labels = batch.input_ids, batch.attention_mask, batch.labels
         with torch.no_grad():
-            teacher_out = self.teacher(input_ids=teacher_ids, attention_mask=teacher_mask,
-                                       output_hidden_states=self.projected)
+            teacher_out = self.teacher(input_ids=teacher_ids, attention_mask=teacher_mask, output_hidden_states=True)
         with self.accelerator.autocast():
             student_out = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                       output_hidden_states=self.projected)
-        inputs = {
-            "student_logits": student_out.logits[:, :-1],
-            "labels": batch.labels[:, 1:],
-            "teacher_logits": teacher_out.logits[:, :-1],
-        }
-        if self.projected:
-            student = self.accelerator.unwrap_model(self.student)
-            inputs.update(
-                teacher_labels=teacher_labels[:, 1:],
-                student_hidden=student_out.hidden_states[-1][:, :-1],
-                teacher_hidden=teacher_out.hidden_states[-1][:, :-1],
-                student_input_ids=batch.input_ids[:, :-1],
-                teacher_input_ids=teacher_ids[:, :-1],
-                student_embedding=student.get_input_embeddings(),
-                teacher_embedding=self.teacher.get_input_embeddings(),
-                student_head=student.get_output_embeddings().weight,
-                teacher_head=self.teacher.get_output_embeddings().weight,
-            )
-        return self.compiled(**inputs, epoch=point.epoch, step=point.step, progress=point.progress,
-                             num_items=num_items, group=group)
+                                       output_hidden_states=True)
+        student = self.accelerator.unwrap_model(self.student)
+        return self.compiled(
+            student_logits=student_out.logits[:, :-1],
+            labels=batch.labels[:, 1:],
+            teacher_logits=teacher_out.logits[:, :-1],
+            teacher_labels=teacher_labels[:, 1:],
+            student_hidden=student_out.hidden_states[-1][:, :-1],
+            teacher_hidden=teacher_out.hidden_states[-1][:, :-1],
+            student_input_ids=batch.input_ids[:, :-1],
+            teacher_input_ids=teacher_ids[:, :-1],
+            student_embedding=student.get_input_embeddings(),
+            teacher_embedding=self.teacher.get_input_embeddings(),
+            student_head=student.get_output_embeddings().weight,
+            teacher_head=self.teacher.get_output_embeddings().weight,
+            epoch=point.epoch, step=point.step, progress=point.progress, num_items=num_items, group=group,
+        )
 
     def sync_context(self, last: bool):
         """Skip the gradient all-reduce on every backward of the step but the last."""
@@ -864,7 +859,6 @@ def check_cross_vocab(objective: Objective, compiled: torch.nn.Module, parts: Pa
     """Reject what a run with two tokenizers cannot do, naming the fix."""
     if parts.teacher_tokenizer is None:
         return
-    projected = hasattr(compiled, "projector")
     student_name = objective.settings.get("student", "the student")
     teacher_name = objective.settings.get("teacher", "the teacher")
     for group, source in enumerate(objective.groups):
@@ -874,7 +868,7 @@ def check_cross_vocab(objective: Objective, compiled: torch.nn.Module, parts: Pa
                 f"group {group} draws teacher-generated responses (d_o), which kdsl run does not re-encode for the "
                 "student yet; sample from d_data or d_q, or use a teacher with the student's tokenizer"
             )
-    if not projected and "teacher_logits" in set().union(*(group_inputs(compiled, objective, k)
+    if not hasattr(compiled, "projector") and "teacher_logits" in set().union(*(group_inputs(compiled, objective, k)
                                                              for k in range(len(objective.groups)))):
         raise ConfigError(
             f"the teacher {teacher_name} and the student {student_name} use different tokenizers, but the objective "
@@ -932,14 +926,6 @@ def baseline_objective(objective: Objective) -> Objective:
     )
 
 
-def needs_models(objective: Objective) -> bool:
-    """Return whether compiling `objective` needs the models (its projector is sized by their hidden states)."""
-    from kdsl.ir import build
-    from kdsl.projected import has_projection
-
-    return has_projection(build(objective))
-
-
 def compile_objective(objective: Objective, student: Any = None, teacher: Any = None) -> torch.nn.Module:
     """Compile a checked objective into its torch module.
 
@@ -966,8 +952,8 @@ def compile_objective(objective: Objective, student: Any = None, teacher: Any = 
     init = settings.get("projection.init") or ""
     if init:
         if not Path(init).is_file():
-            raise ConfigError(f"projection.init = {init!r} is not a file; pass a projector saved by kdsl "
-                              "(run_dir/projector.safetensors) or DSKD's projector.pt, or leave it empty")
+            raise ConfigError(f"projection.init = {init!r}: file not found; pass a projector saved by kdsl run "
+                              "(RUN_DIR/projector.safetensors) or DSKD's projector.pt, or leave the setting empty")
         ignored = projector.load_pretrained(init)
         if ignored:
             logger.warning("projection.init: ignored keys %s", ", ".join(ignored))
@@ -1094,5 +1080,5 @@ def run(objective: Objective, *, out_dir: str | Path | None = None, resume: str 
     elif out_dir is None:
         stem = Path(objective.path).stem if objective.path and not objective.path.startswith("<") else "run"
         out_dir = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    compiled = None if needs_models(objective) else compile_objective(objective)
-    return train(objective, compiled, out_dir=out_dir, resume=resume is not None, progress_bar=progress_bar)
+    # train() compiles once the models are loaded, because a projector is sized by their hidden states.
+    return train(objective, None, out_dir=out_dir, resume=resume is not None, progress_bar=progress_bar)

@@ -33,12 +33,7 @@ VOCAB = 1000  # uniform logits give every token probability 1e-3
 LENGTH = 100  # so a whole response has probability 1e-300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def long_batch(boosts: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -76,13 +76,7 @@ def make_pairs(count: int = 24) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"prompt": prompts, "response": responses})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run torch on one thread, because tiny models run slower when several threads share a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

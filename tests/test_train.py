@@ -20,13 +20,7 @@ from kdsl.samplers import collate
 from kdsl.train import TrainConfig, Trainer, compile_objective, train
 from tests.test_samplers import make_model, make_pairs, make_tokenizer
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run torch on one thread, because tiny models run slower when several threads share a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BASE_SETTINGS = {

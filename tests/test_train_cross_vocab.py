@@ -29,12 +29,7 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +58,7 @@ def test_projection_init_must_name_a_file(tmp_path):
     objective = dskd(**{"projection.init": str(tmp_path / "missing.safetensors")})
     student = models.load_model("builtin:tiny-student-unigram")
     teacher = models.load_model("builtin:tiny-teacher")
-    with pytest.raises(ConfigError, match=r"projection.init = .*missing.safetensors.* is not a file"):
+    with pytest.raises(ConfigError, match=r"projection.init = .*missing.safetensors.*: file not found"):
         compile_objective(objective, student, teacher)
 
 

@@ -20,12 +20,7 @@ DIMP = 'ref = "builtin:tiny-ref"\nρ(T, w) = (ref(w) / q(w))^(1/T)\nobjective = 
 VOCAB = 4  # uniform student logits give every token q = 1/4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hand_batch(label_probs: list[list[float]], width: int = 3):
