@@ -18,10 +18,10 @@ that loss to the positions where argmax `o→q` is the label. `q→o` keeps its
 gradient everywhere.
 
 Token weights and scheduled coefficients work as in `kdsl.lower`. A token
-weight is evaluated at the positions of its term: `t` and `T` count that
-side's tokens, and `o(w_t)` / `q(w_t)` must be the probability of that
-side's own label (the teacher's in a term over `o` or `q→o`, the student's in
-a term over `q` or `o→q`).
+weight is evaluated at the positions of its term, so `t` and `T` count that
+side's tokens. A term over `o` or `q→o` may read `o(w_t)`, and a term over
+`q` or `o→q` may read `q(w_t)`: each is the probability of that side's own
+label.
 
 NOTE: this path evaluates whole [B, L, V] tensors with ordinary autograd,
 without the chunking of `kdsl.lower`. Sequence weights ρ(w) are rejected with
@@ -324,11 +324,11 @@ class _Evaluation:
 
     @staticmethod
     def side(graph: Graph, node: Node) -> str:
-        """Return whose positions a per-position loss or a distribution lives at: where its logits come from.
+        """Return whose positions ("student" or "teacher") a loss or distribution lives at, from its logits.
 
         The student's logits and `o→q` live at student positions, the
         teacher's logits and `q→o` at teacher positions. Labels and masks are
-        not followed: they belong to the term, not to a side.
+        not followed, because they belong to the term rather than to a side.
         """
         sides = set()
         stack = [node]

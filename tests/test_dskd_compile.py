@@ -167,7 +167,7 @@ def test_projector_settings_must_match():
         kdsl.compile('projection.compat = "dskd"\nobjective = CE(o→q)', projector=projector)
 
 
-def test_trainer_compile_needs_the_models():
+def test_trainer_compile_needs_models():
     from kdsl.errors import ConfigError
     from kdsl.train import compile_objective
 
@@ -188,7 +188,7 @@ def compile_with(spec: str, inputs: dict, meta: dict):
     return kdsl.compile(HEADER + spec, projector=projector, same_vocab=False)
 
 
-def test_scheduled_coefficient_on_a_projected_term():
+def test_schedule_on_projected_term():
     meta, inputs, _, teacher_type = load_case(CASE)
     hidden, head = inputs["student_hidden"], inputs["student_lm_head"]
     plain = call_case(compile_with("objective = CE + KL(o ‖ q→o)", inputs, meta), inputs, teacher_type, hidden, head)
@@ -205,7 +205,7 @@ def test_scheduled_coefficient_on_a_projected_term():
         torch.testing.assert_close(result.terms["KL(o‖q→o)"], phi * plain.terms["KL(o‖q→o)"], rtol=1e-6, atol=1e-7)
 
 
-def test_token_weight_on_teacher_positions_counts_teacher_tokens():
+def test_token_weight_counts_teacher_positions():
     from kdsl import numerics
 
     meta, inputs, _, teacher_type = load_case(CASE)
@@ -232,14 +232,14 @@ def test_token_weight_on_teacher_positions_counts_teacher_tokens():
     torch.testing.assert_close(result.terms["KL(o‖q→o)"], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_weight_reading_the_other_vocabulary_is_rejected():
+def test_weight_across_vocabularies_rejected():
     meta, inputs, _, teacher_type = load_case(CASE)
     compiled = compile_with("λ(t, w) = 1 - o(w_t)\nobjective = CE(o→q) + λ(t, w)·KL(o→q ‖ q)", inputs, meta)
     with pytest.raises(KdslError, match=r"reads o\(w_t\) at the student's positions"):
         call_case(compiled, inputs, teacher_type, inputs["student_hidden"], inputs["student_lm_head"])
 
 
-def test_sequence_weight_with_projection_is_rejected():
+def test_sequence_weight_with_projection_rejected():
     with pytest.raises(KdslError, match="sequence weight"):
         kdsl.compile('ref = "builtin:tiny-ref"\nρ(w) = ref(w) / q(w)\n'
                      "objective = CE(o→q) + ρ(w)·KL(o→q ‖ q)", hidden_sizes=(4, 6), same_vocab=False)

@@ -60,7 +60,7 @@ def test_teacher_batch_shape_mismatch(tokenizers):
         teacher_batch(ids, torch.ones(1, 3, dtype=torch.long), ids, student_tokenizer, teacher_tokenizer)
 
 
-def test_teacher_batch_cuts_long_rows_to_max_length(tokenizers):
+def test_teacher_batch_cuts_to_max_length(tokenizers):
     student_tokenizer, teacher_tokenizer = tokenizers
     batch = student_batch(student_tokenizer)
     full = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels, student_tokenizer, teacher_tokenizer)
@@ -75,13 +75,14 @@ def test_teacher_batch_cuts_long_rows_to_max_length(tokenizers):
         if len(full_response) <= limit:
             # The prompt loses its first tokens; the response is kept whole.
             assert cut_response == full_response
-            kept = cut.input_ids[row][cut.attention_mask[row].bool()].tolist()
-            assert kept == full.input_ids[row][full.attention_mask[row].bool()].tolist()[-limit:]
+            cut_row = cut.input_ids[row][cut.attention_mask[row].bool()].tolist()
+            full_row = full.input_ids[row][full.attention_mask[row].bool()].tolist()
+            assert cut_row == full_row[-limit:]
         else:
             assert cut_response == full_response[:limit]
 
 
-def test_teacher_batch_rejects_a_zero_max_length(tokenizers):
+def test_teacher_batch_rejects_zero_max_length(tokenizers):
     student_tokenizer, teacher_tokenizer = tokenizers
     batch = student_batch(student_tokenizer)
     with pytest.raises(ConfigError, match="max_length = 0"):
