@@ -100,9 +100,8 @@ def group_cost(objective: obj.Objective, group: int, *, batch: int, length: int,
     projection = any(isinstance(d, obj.ProjectedDist) for d in dists)
     projection_bytes = 0
     if projection:
-        # Cross-model attention: scores and weights in both directions (4·B·S·T, with S = T = length), and the
-        # projected logits o→q [B, S, Vs] and q→o [B, T, Vt] with their gradients. The projected path
-        # evaluates whole tensors, so the loss is not chunked either.
+        # Cross-model attention keeps scores and weights in both directions (4·B·S·T, with S = T = length) and
+        # the projected logits o→q and q→o with their gradients. The projected path is not chunked either.
         projection_bytes = FLOAT32 * (4 * batch * length * length + 2 * tokens * (student_vocab + teacher_vocab))
         fused = dense + projection_bytes
         dense = dense + projection_bytes

@@ -818,7 +818,7 @@ def _compares_models(objective: Objective) -> bool:
             sides = set().union(*(_model_sides(arg) for arg in term.loss.args))
             if sides == {"o", "q"}:
                 return True
-        # CE scores student labels; without projections every term scores the student's labels.
+        # CE scores the student's labels. Without projections, every term scores the student's labels.
         space = set().union(*(_vocabularies(arg) for arg in term.loss.args)) or {"q"} if projected else {"q"}
         for weight in (term.token_weight, term.sequence_weight):
             if weight is None:

@@ -42,7 +42,7 @@ def teacher_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels:
     first, then response tokens from its end.
     """
     if max_length is not None and max_length < 1:
-        raise ConfigError(f"max_length = {max_length} must be a positive number of teacher tokens, or None")
+        raise ConfigError(f"invalid max_length = {max_length}: pass a positive number of teacher tokens, or None")
     if input_ids.shape != labels.shape or input_ids.shape != attention_mask.shape:
         raise ConfigError(f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and labels "
                           f"{tuple(labels.shape)} must have one shape [batch, length]")

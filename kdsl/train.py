@@ -351,7 +351,7 @@ class Trainer:
         """Run both models on their own tokens and the projected loss on both streams.
 
         With different tokenizers the teacher reads the batch re-encoded by its
-        own tokenizer (`kdsl.teacher_tokens.teacher_batch`); with one tokenizer
+        own tokenizer (`kdsl.teacher_tokens.teacher_batch`). With one tokenizer
         it reads the student's ids. Position p of either stream predicts token
         p + 1, so ids, hidden states and logits drop their last position and
         labels their first, as in the one-stream forward.
@@ -836,7 +836,7 @@ def own_teacher_tokenizer(settings: dict, parts: Parts, *, teacher_loaded: bool)
         try:
             tokenizer = models.load_tokenizer(settings["teacher"], trust_remote_code=bool(settings.get("trust_remote_code")))
         except (ConfigError, OSError, ValueError) as error:
-            logger.info("no tokenizer found for teacher %s (%s): the teacher reads the student's tokens",
+            logger.info("tokenizer of teacher %s not found (%s), so the teacher reads the student's tokens",
                         settings["teacher"], error)
             return None
     if tokenizer is None or tokenizer.get_vocab() == parts.tokenizer.get_vocab():
