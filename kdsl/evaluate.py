@@ -64,6 +64,8 @@ __all__ = [
     "EVAL_METRICS",
     "PER_STEP_LOSSES",
     "HeldoutMetrics",
+    "PairedDifference",
+    "paired_ce_difference",
     "RougeResult",
     "ExposureBiasResult",
     "CheckpointEvaluation",
@@ -480,10 +482,55 @@ class HeldoutMetrics:
     ce_ci: tuple[float, float] = (math.nan, math.nan)
     bpc_ci: tuple[float, float] = (math.nan, math.nan)
     kl_ci: tuple[float, float] = (math.nan, math.nan)
+    # Per pair: the student's response NLL in nats, and the response tokens it covers.
+    pair_nll: np.ndarray | None = field(default=None, repr=False, compare=False)
+    pair_tokens: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def perplexity(self) -> float:
         return math.exp(self.ce)
+
+    def summary(self) -> dict[str, Any]:
+        """Return the metrics as a JSON-ready dictionary, without the per-pair arrays."""
+        return {key: value for key, value in asdict(self).items() if key not in ("pair_nll", "pair_tokens")}
+
+
+@dataclass
+class PairedDifference:
+    """CE of model A minus CE of model B on the same held-out pairs, nats per token, with a paired bootstrap band."""
+
+    difference: float
+    ci: tuple[float, float]
+    num_pairs: int
+    wins: int  # pairs on which A's CE per token is lower than B's
+
+
+def paired_ce_difference(a: HeldoutMetrics, b: HeldoutMetrics, *, bootstrap: int = 1000,
+                         seed: int = 1234) -> PairedDifference:
+    """Compare two students scored on the same pairs with the same tokenizer.
+
+    Each bootstrap resample draws pairs once and scores both models on that
+    draw, so the band reflects the difference between the models rather
+    than the spread of the pairs, which both share.
+    """
+    _check_non_negative_int("bootstrap", bootstrap)
+    for name, metrics in (("a", a), ("b", b)):
+        if metrics.pair_nll is None or metrics.pair_tokens is None:
+            raise ConfigError(f"metrics {name} have no per-pair scores; compute them with kdsl.evaluate.heldout_metrics")
+    if len(a.pair_tokens) != len(b.pair_tokens) or not np.array_equal(a.pair_tokens, b.pair_tokens):
+        raise ConfigError("the two metrics were not computed on the same pairs with one tokenizer (their response token "
+                          "counts differ); score both models with the same pairs, tokenizer and limits")
+    tokens = a.pair_tokens
+    difference = float((a.pair_nll.sum() - b.pair_nll.sum()) / tokens.sum())
+    per_token = np.divide(a.pair_nll - b.pair_nll, tokens, out=np.zeros_like(tokens), where=tokens > 0)
+    wins = int((per_token < 0).sum())
+    if bootstrap == 0:
+        return PairedDifference(difference, (math.nan, math.nan), len(tokens), wins)
+    counts = _bootstrap_counts(len(tokens), bootstrap, seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        resampled = (counts @ (a.pair_nll - b.pair_nll)) / (counts @ tokens)
+    low, high = _percentile_band(resampled)
+    return PairedDifference(difference, (float(low), float(high)), len(tokens), wins)
 
 
 def heldout_metrics(
@@ -540,7 +587,7 @@ def heldout_metrics(
     return HeldoutMetrics(
         ce=ce, bpc=bpc, kl=kl, teacher_ce=teacher_ce,
         num_pairs=len(encoded), num_tokens=int(tokens.sum()), num_chars=int(chars.sum()),
-        ce_ci=ce_ci, bpc_ci=bpc_ci, kl_ci=kl_ci,
+        ce_ci=ce_ci, bpc_ci=bpc_ci, kl_ci=kl_ci, pair_nll=student_nll, pair_tokens=tokens,
     )
 
 
@@ -1149,7 +1196,7 @@ def write_report(results: Any, out_dir: str) -> dict[str, str]:
         "ci_level": CI_LEVEL,
         "checkpoints": {
             label: {
-                "heldout": asdict(r.heldout) if r.heldout else None,
+                "heldout": r.heldout.summary() if r.heldout else None,
                 "rouge_l": asdict(r.rouge) if r.rouge else None,
                 "exposure_bias": asdict(r.exposure) if r.exposure else None,
             }

@@ -368,7 +368,7 @@ def _meaning_settings(settings: dict, uses: set[str]) -> list[str]:
     if "rho" in uses:
         names.append("rho.clip")
     if "projection" in uses:
-        names += ["projection.compat", "projection.accuracy_gate", "projection.attention"]
+        names += ["projection.compat", "projection.accuracy_gate", "projection.attention", "projection.alignment"]
     if "generated" in uses:
         names += ["sgo.max_new_tokens", "sgo.temperature", "sgo.top_k", "sgo.top_p"]
     return [f"{name}={settings.get(name)!r}" for name in sorted(names)]

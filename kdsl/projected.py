@@ -63,6 +63,8 @@ _PROJECTOR_ARGUMENTS = {
     "student_embedding": "the student's input embedding (nn.Embedding or a [V_s, d_s] tensor; cross attention only)",
     "teacher_embedding": "the teacher's input embedding (nn.Embedding or a [V_t, d_t] tensor; cross attention only)",
     "student_head": "the student's output head weight [V_s, d_s]",
+    "student_ends": "characters of the response text read through each student position [B, S] (projection.alignment = \"text\"; kdsl.teacher_tokens.teacher_batch gives them)",
+    "teacher_ends": "characters of the response text read through each teacher position [B, T] (projection.alignment = \"text\")",
     "teacher_head": "the teacher's output head weight [V_t, d_t] (needed for q→o)",
 }
 
@@ -78,6 +80,7 @@ def build_projector(settings: dict[str, Any], hidden_sizes: tuple[int, int] | No
     cross = settings["projection.attention"] == "cross"
     compat = settings["projection.compat"]
     gate = bool(settings["projection.accuracy_gate"])
+    alignment = settings["projection.alignment"]
     if projector is None:
         if hidden_sizes is None:
             raise KdslError(
@@ -85,11 +88,13 @@ def build_projector(settings: dict[str, Any], hidden_sizes: tuple[int, int] | No
                 "hidden_sizes=(student_hidden_size, teacher_hidden_size), or projector=DualSpaceProjector.for_models(student, teacher)"
             )
         student_size, teacher_size = hidden_sizes
-        return DualSpaceProjector(student_size, teacher_size, cross_attention=cross, compat=compat, accuracy_gate=gate)
+        return DualSpaceProjector(student_size, teacher_size, cross_attention=cross, compat=compat, accuracy_gate=gate,
+                                  alignment=alignment)
     if not isinstance(projector, DualSpaceProjector):
         raise KdslError(f"projector must be a kdsl.projection.DualSpaceProjector, got {type(projector).__name__}")
     expected = {"compat": (projector.compat, compat, "projection.compat"),
-                "accuracy_gate": (projector.accuracy_gate, gate, "projection.accuracy_gate")}
+                "accuracy_gate": (projector.accuracy_gate, gate, "projection.accuracy_gate"),
+                "alignment": (projector.alignment, alignment, "projection.alignment")}
     for name, (found, wanted, setting) in expected.items():
         if found != wanted:
             raise KdslError(f"the projector was built with {name}={found!r} but the spec sets {setting} = {wanted!r}; "
@@ -162,6 +167,8 @@ class ProjectedObjective(nn.Module):
         teacher_embedding: nn.Module | Tensor | None = None,
         student_head: Tensor | None = None,
         teacher_head: Tensor | None = None,
+        student_ends: Tensor | None = None,
+        teacher_ends: Tensor | None = None,
         epoch: float = 0.0,
         step: int = 0,
         progress: float = 0.0,
@@ -173,7 +180,8 @@ class ProjectedObjective(nn.Module):
         arguments = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden,
                      "student_input_ids": student_input_ids, "teacher_input_ids": teacher_input_ids,
                      "teacher_labels": teacher_labels, "student_embedding": student_embedding,
-                     "teacher_embedding": teacher_embedding, "student_head": student_head, "teacher_head": teacher_head}
+                     "teacher_embedding": teacher_embedding, "student_head": student_head, "teacher_head": teacher_head,
+                     "student_ends": student_ends, "teacher_ends": teacher_ends}
         terms = self._select_terms(group)
         needed = self._needed_nodes(terms)
         self._check_arguments(arguments, labels, needed)
@@ -224,6 +232,8 @@ class ProjectedObjective(nn.Module):
         required = ["student_hidden", "teacher_hidden", "teacher_labels", "student_head"]
         if not self.aligned:
             required += ["student_input_ids", "teacher_input_ids", "student_embedding", "teacher_embedding"]
+            if self.projector.alignment == "text":
+                required += ["student_ends", "teacher_ends"]
         if "q" in sources:
             required.append("teacher_head")
         for name in required:
@@ -248,6 +258,7 @@ class ProjectedObjective(nn.Module):
             teacher_input_ids=arguments["teacher_input_ids"], teacher_labels=arguments["teacher_labels"],
             student_embedding=arguments["student_embedding"], teacher_embedding=arguments["teacher_embedding"],
             student_head=arguments["student_head"], teacher_head=teacher_head,
+            student_ends=arguments["student_ends"], teacher_ends=arguments["teacher_ends"],
         )
 
 

@@ -33,6 +33,7 @@ from kdsl.errors import ConfigError
 
 IGNORE_INDEX = -100
 COMPAT_MODES = ("masked", "dskd")
+ALIGNMENTS = ("learned", "text")
 HEAD_POLICIES = ("truncate", "error")
 
 # Projector layouts in the notation of DSKD's projector config: sizes joined by
@@ -118,6 +119,15 @@ class DualSpaceProjector(nn.Module):
     `compat="dskd"` takes them over the whole padded batch as DSKD does, so
     it reproduces DSKD's numbers. With `accuracy_gate=True` a KD term on `o→q` only
     counts where the projected teacher's argmax equals the gold token.
+
+    `alignment="learned"` (DSKD) lets every position attend to every valid
+    position of the other stream, so the attention has to learn which
+    tokens correspond. `alignment="text"` (kdsl) uses where each token ends
+    in the text (`student_ends`, `teacher_ends` of the forward call): a
+    position attends only to the other stream's positions that have read
+    the same text, or, where no token of the other stream ends there, to
+    those that end latest before it. No position then reads text that lies
+    ahead of it.
     """
 
     def __init__(
@@ -128,11 +138,14 @@ class DualSpaceProjector(nn.Module):
         cross_attention: bool = True,
         compat: str = "masked",
         accuracy_gate: bool = False,
+        alignment: str = "learned",
         structures: dict[str, str] | None = None,
     ):
         super().__init__()
         if compat not in COMPAT_MODES:
             raise ConfigError(f"invalid projection compat mode {compat!r}; expected one of {', '.join(COMPAT_MODES)}")
+        if alignment not in ALIGNMENTS:
+            raise ConfigError(f"invalid projection alignment {alignment!r}; expected one of {', '.join(ALIGNMENTS)}")
         for name, size in (("student_hidden_size", student_hidden_size), ("teacher_hidden_size", teacher_hidden_size)):
             if not isinstance(size, int) or size < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {size!r}")
@@ -141,6 +154,7 @@ class DualSpaceProjector(nn.Module):
         self.cross_attention = cross_attention
         self.compat = compat
         self.accuracy_gate = accuracy_gate
+        self.alignment = alignment
 
         layout = dict(DEFAULT_STRUCTURES)
         layout.update(structures or {})
@@ -175,7 +189,8 @@ class DualSpaceProjector(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"student_hidden_size={self.student_hidden_size}, teacher_hidden_size={self.teacher_hidden_size}, "
-            f"cross_attention={self.cross_attention}, compat={self.compat!r}, accuracy_gate={self.accuracy_gate}"
+            f"cross_attention={self.cross_attention}, compat={self.compat!r}, accuracy_gate={self.accuracy_gate}, "
+            f"alignment={self.alignment!r}"
         )
 
     # --- Cross-model attention ---------------------------------------------------------
@@ -193,6 +208,8 @@ class DualSpaceProjector(nn.Module):
         teacher_embedding: nn.Module | torch.Tensor,
         student_head: nn.Module | torch.Tensor,
         teacher_head: nn.Module | torch.Tensor | None = None,
+        student_ends: torch.Tensor | None = None,
+        teacher_ends: torch.Tensor | None = None,
     ) -> Projection:
         """Project both ways with cross-model attention (sequences of different tokenizers).
 
@@ -203,7 +220,10 @@ class DualSpaceProjector(nn.Module):
         attention logits QKᵀ/√(2·d_t) are shared: softmax over teacher
         positions gives `o→q`, softmax of the transpose over student
         positions gives `q→o`. Embeddings and heads are used without gradient;
-        gradients reach the projectors and `student_hidden`.
+        gradients reach the projectors and `student_hidden`. With
+        `alignment="text"`, `student_ends` [B, S] and `teacher_ends` [B, T]
+        (characters of the text read through each position, as
+        `kdsl.teacher_tokens.teacher_batch` gives them) restrict the pairs.
         """
         if not self.cross_attention:
             raise ConfigError(
@@ -220,6 +240,10 @@ class DualSpaceProjector(nn.Module):
         student_mask = student_labels.ne(IGNORE_INDEX)  # [B, S]
         teacher_mask = teacher_labels.ne(IGNORE_INDEX)  # [B, T]
         param_dtype = self.t2s[0].weight.dtype
+        pairs = student_mask.unsqueeze(-1) & teacher_mask.unsqueeze(1)  # [B, S, T]
+        pairs_t2s, pairs_s2t = pairs, pairs.transpose(-1, -2)
+        if self.alignment == "text":
+            pairs_t2s, pairs_s2t = self._text_pairs(pairs, student_ends, teacher_ends, student_labels, teacher_labels)
 
         # Index embeddings of (current, next) token; masked positions look up id 0.
         student_current = _lookup(student_embedding, student_input_ids, student_mask, self.student_hidden_size, "student")
@@ -239,12 +263,12 @@ class DualSpaceProjector(nn.Module):
         values_t2s = self.t2s(teacher_values.to(param_dtype)).float()  # [B, T, d_s]
         scores = queries @ keys.transpose(-1, -2) / math.sqrt(2 * self.teacher_hidden_size)  # [B, S, T]
 
-        weights_t2s = self._attend(scores, student_mask, teacher_mask)  # [B, S, T]
+        weights_t2s = self._attend(scores, pairs_t2s)  # [B, S, T]
         o_to_q = _read_out(weights_t2s @ values_t2s, student_head, self.student_hidden_size, "student")
         q_to_o = None
         if teacher_head is not None:
             values_s2t = self.s2t(student_hidden.to(param_dtype)).float()  # [B, S, d_t]
-            weights_s2t = self._attend(scores.transpose(-1, -2), teacher_mask, student_mask)  # [B, T, S]
+            weights_s2t = self._attend(scores.transpose(-1, -2), pairs_s2t)  # [B, T, S]
             q_to_o = _read_out(weights_s2t @ values_s2t, teacher_head, self.teacher_hidden_size, "teacher")
 
         kd_mask = self._kd_mask(o_to_q, student_labels, student_mask)
@@ -260,9 +284,25 @@ class DualSpaceProjector(nn.Module):
             return values.new_ones(())
         return selected.std().clamp_min(torch.finfo(values.dtype).tiny)
 
-    def _attend(self, scores: torch.Tensor, row_mask: torch.Tensor, column_mask: torch.Tensor) -> torch.Tensor:
-        """Softmax attention weights over the last axis of `scores` [B, R, C], excluding masked pairs."""
-        pair_mask = row_mask.unsqueeze(-1) & column_mask.unsqueeze(1)  # [B, R, C]
+    def _text_pairs(self, pairs: torch.Tensor, student_ends: torch.Tensor | None, teacher_ends: torch.Tensor | None,
+                    student_labels: torch.Tensor, teacher_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Restrict the valid pairs [B, S, T] to positions that have read the same text; return both directions."""
+        for side, ends, labels in (("student", student_ends, student_labels), ("teacher", teacher_ends, teacher_labels)):
+            if ends is None:
+                raise ConfigError(
+                    f'projection alignment "text" needs {side}_ends: the characters of the text each {side} position '
+                    'has read (kdsl.teacher_tokens.teacher_batch returns them); pass them, or use alignment "learned"'
+                )
+            if tuple(ends.shape) != tuple(labels.shape):
+                raise ConfigError(f"{side}_ends have shape {tuple(ends.shape)} but the {side} labels have "
+                                  f"{tuple(labels.shape)}; shift them the same way as the labels")
+        ends_s = student_ends.to(pairs.device).long().unsqueeze(-1)  # [B, S, 1]
+        ends_t = teacher_ends.to(pairs.device).long().unsqueeze(1)  # [B, 1, T]
+        return (_latest_not_after(pairs, ends_t, ends_s, dim=-1),
+                _latest_not_after(pairs.transpose(-1, -2), ends_s.transpose(-1, -2), ends_t.transpose(-1, -2), dim=-1))
+
+    def _attend(self, scores: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+        """Softmax attention weights over the last axis of `scores` [B, R, C], over the pairs `pair_mask` keeps."""
         if self.compat == "dskd":
             # DSKD adds a large negative constant, so a fully masked row becomes uniform.
             offset = (1.0 - pair_mask.to(scores.dtype)) * DSKD_MASK_OFFSET
@@ -414,6 +454,18 @@ def _read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 # --- Pieces shared by both projections ------------------------------------------------
+
+
+def _latest_not_after(pairs: torch.Tensor, column_ends: torch.Tensor, row_ends: torch.Tensor, dim: int) -> torch.Tensor:
+    """Keep, in each row of `pairs` [B, R, C], the columns that end latest but not after the row's end.
+
+    `column_ends` broadcasts as [B, 1, C] and `row_ends` as [B, R, 1].
+    """
+    candidates = pairs & (column_ends <= row_ends)
+    floor = torch.iinfo(torch.long).min
+    latest = torch.where(candidates, column_ends, torch.full_like(column_ends, floor)).amax(dim=dim, keepdim=True)
+    return candidates & (column_ends == latest)
+
 
 
 def projected_accuracy(o_to_q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -52,6 +52,7 @@ def run_report(*, accelerator: Any, out_dir: Path, settings: dict, tokenizer: An
             entries.append(("baseline (CE)", baseline.student, baseline.steps))
         entries.append(("distilled", distilled.student, distilled.steps))
         two_vocabularies = teacher_tokenizer is not None
+        scored = {}
         for name, model, steps in entries:
             if model is None:
                 continue
@@ -61,6 +62,7 @@ def run_report(*, accelerator: Any, out_dir: Path, settings: dict, tokenizer: An
                 metrics = evaluate_model(model.to(device), None, teacher_tokenizer, pairs, options)
             else:
                 metrics = evaluate_model(model.to(device), None, tokenizer, pairs, options)
+            scored[name] = metrics.pop("heldout")
             rows.append({"model": name, "steps": steps, **metrics})
         report = {
             "heldout_pairs": len(pairs),
@@ -68,12 +70,16 @@ def run_report(*, accelerator: Any, out_dir: Path, settings: dict, tokenizer: An
             "tokens": {"distilled": distilled.tokens, "baseline": baseline.tokens if baseline else None},
             "rows": rows,
         }
+        if "baseline (CE)" in scored:
+            report["distilled_minus_baseline"] = compare_students(scored["distilled"], scored["baseline (CE)"], options)
         report = finite(report)
         checkpoint.atomic_write_text(Path(out_dir) / "report.json", json.dumps(report, indent=2) + "\n")
         table = format_table(rows)
         if two_vocabularies:
             table += ("\nThe teacher has its own tokenizer: its CE is per teacher token and KL(o‖q) is not defined; "
                       "compare models by bits/char.")
+        if "distilled_minus_baseline" in report:
+            table += "\n" + format_comparison(report["distilled_minus_baseline"])
         if print_table:
             print(f"report on {len(pairs)} held-out pairs:\n{table}")
         else:
@@ -118,7 +124,25 @@ def evaluate_model(model: Any, teacher: Any, tokenizer: Any, pairs: Any, options
         "kl_ci": list(heldout.kl_ci),
         "rouge_l_ci": [100.0 * v for v in rouge.f1_ci],
         "tokens": heldout.num_tokens,
+        "heldout": heldout,
     }
+
+
+def compare_students(distilled: Any, baseline: Any, options: EvalOptions) -> dict[str, Any]:
+    """CE of the distilled student minus the baseline's on the same pairs, with a paired bootstrap band."""
+    from kdsl import evaluate
+
+    paired = evaluate.paired_ce_difference(distilled, baseline, bootstrap=options.bootstrap, seed=options.seed)
+    return {"ce": paired.difference, "ce_ci": list(paired.ci), "pairs": paired.num_pairs,
+            "pairs_distilled_lower": paired.wins}
+
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    """Say in one line how much lower (or higher) the distilled student's held-out CE is than the baseline's."""
+    low, high = comparison["ce_ci"]
+    band = "" if low is None or high is None else f", 95% paired bootstrap interval [{low:+.4f}, {high:+.4f}]"
+    return (f"distilled - baseline: {comparison['ce']:+.4f} nats/token{band}; the distilled student is lower on "
+            f"{comparison['pairs_distilled_lower']} of {comparison['pairs']} pairs.")
 
 
 def finite(value: Any) -> Any:

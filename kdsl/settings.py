@@ -94,6 +94,7 @@ _DECLARED: list[Setting] = [
     Setting("projection.compat", str, "masked", "projection statistics: masked (kdsl) or dskd (reproduce DSKD numbers)", choices=("masked", "dskd")),
     Setting("projection.accuracy_gate", bool, False, "distil o→q into the student only at positions where argmax o→q is the label (DSKD)"),
     Setting("projection.init", str, "", "projector weights to start from: a safetensors file saved by kdsl or DSKD's projector.pt (empty: random initialisation)"),
+    Setting("projection.alignment", str, "learned", "pairs of the cross attention: learned (DSKD: every position may attend to every position of the other stream) or text (only positions that have read the same text, or the latest before)", choices=("learned", "text")),
     Setting("projection.attention", str, "cross", "o→q and q→o: cross (attention across two tokenizations) or aligned (one tokenization, position to position)", choices=("cross", "aligned")),
     Setting("head.policy", str, "truncate", "padded output heads: score only the rows the tokenizer uses", choices=("truncate", "error")),
     # Evaluation.

@@ -362,8 +362,12 @@ class Trainer:
             stream = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels, self.tokenizer,
                                    self.teacher_tokenizer, max_length=self.teacher_positions)
             teacher_ids, teacher_mask, teacher_labels = stream.input_ids, stream.attention_mask, stream.labels
+            student_ends, teacher_ends = stream.student_ends, stream.teacher_ends
         else:
+            # One tokenization: position p of both streams has read the same tokens.
             teacher_ids, teacher_mask, teacher_labels = batch.input_ids, batch.attention_mask, batch.labels
+            positions = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device).expand_as(batch.input_ids)
+            student_ends = teacher_ends = positions.masked_fill(batch.attention_mask.eq(0), -1)
         with torch.no_grad():
             teacher_out = self.teacher(input_ids=teacher_ids, attention_mask=teacher_mask, output_hidden_states=True)
         with self.accelerator.autocast():
@@ -383,6 +387,7 @@ class Trainer:
             teacher_embedding=self.teacher.get_input_embeddings(),
             student_head=student.get_output_embeddings().weight,
             teacher_head=self.teacher.get_output_embeddings().weight,
+            student_ends=student_ends[:, :-1], teacher_ends=teacher_ends[:, :-1],
             epoch=point.epoch, step=point.step, progress=point.progress, num_items=num_items, group=group,
         )
 

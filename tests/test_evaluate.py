@@ -184,6 +184,32 @@ def test_heldout_matches_manual_scoring(student, teacher, tokenizer):
     assert result.perplexity == pytest.approx(math.exp(ce), rel=1e-5)
 
 
+def test_paired_difference_matches_hand_computation(student, teacher, tokenizer):
+    a = ev.heldout_metrics(student, None, tokenizer, PAIRS, bootstrap=200)
+    b = ev.heldout_metrics(teacher, None, tokenizer, PAIRS, bootstrap=200)
+    assert list(a.pair_tokens) == list(b.pair_tokens)
+    assert a.pair_nll.sum() / a.pair_tokens.sum() == pytest.approx(a.ce, rel=1e-12)
+    paired = ev.paired_ce_difference(a, b, bootstrap=200)
+    assert paired.difference == pytest.approx(a.ce - b.ce, rel=1e-9)
+    assert paired.num_pairs == len(PAIRS)
+    per_pair = (a.pair_nll - b.pair_nll) / a.pair_tokens
+    assert paired.wins == int((per_pair < 0).sum())
+    low, high = paired.ci
+    assert low <= paired.difference <= high
+    # A model against itself differs by exactly nothing on every resample.
+    same = ev.paired_ce_difference(a, a, bootstrap=50)
+    assert same.difference == 0.0 and same.ci == (0.0, 0.0) and same.wins == 0
+    assert "pair_nll" not in a.summary()
+    json.dumps(a.summary())
+
+
+def test_paired_difference_rejects_other_pairs(student, tokenizer):
+    a = ev.heldout_metrics(student, None, tokenizer, PAIRS)
+    b = ev.heldout_metrics(student, None, tokenizer, PAIRS[:-1])
+    with pytest.raises(ConfigError, match="same pairs"):
+        ev.paired_ce_difference(a, b)
+
+
 def test_heldout_prompt_tokens_never_count(student, tokenizer):
     short = [{"prompt": "a", "response": " the end"}]
     long = [{"prompt": "a much longer prompt, with many characters", "response": " the end"}]

@@ -118,6 +118,7 @@ def test_projector_structure_wrong_sizes():
     [
         ({"compat": "exact"}, "invalid projection compat mode 'exact'"),
         ({"structures": {"key": "t-t"}}, "unknown projector name"),
+        ({"alignment": "offsets"}, "invalid projection alignment 'offsets'"),
     ],
 )
 def test_projector_options_rejected(options, message):
@@ -644,3 +645,97 @@ def test_retokenize_builtin_tokenizers(student_name, teacher_name):
     assert alignment.text == " through yonder window breaks?"
     assert alignment.teacher_ids == teacher.encode(alignment.text).ids
     check_alignment(alignment, teacher)
+
+
+# --- Text alignment -------------------------------------------------------------------
+
+
+def text_batch(seed: int = 0):
+    """A batch whose rows have read the text up to these character counts (one valid row, one with padding)."""
+    batch = make_batch(seed, student_length=5, teacher_length=6)
+    batch["student_labels"][0, :1] = -100
+    batch["student_labels"][0, 1:] = torch.tensor([1, 2, 3, 4])
+    batch["teacher_labels"][0, :1] = -100
+    batch["teacher_labels"][0, 1:] = torch.tensor([1, 2, 3, 4, 5])
+    batch["student_labels"][1] = torch.tensor([-100, 1, 2, -100, -100])
+    batch["teacher_labels"][1] = torch.tensor([-100, 1, 2, 3, -100, -100])
+    batch["student_ends"] = torch.tensor([[0, 0, 2, 5, 7], [0, 3, 6, -1, -1]])
+    batch["teacher_ends"] = torch.tensor([[0, 0, 2, 3, 5, 7], [0, 1, 3, 6, -1, -1]])
+    return batch
+
+
+def test_text_alignment_pairs_positions_that_read_the_same_text():
+    torch.manual_seed(0)
+    projector = DualSpaceProjector(D_S, D_T, alignment="text")
+    batch = text_batch()
+    projection = project(projector, batch)
+    weights = projection.attention
+    # Row 0: student ends 0, 2, 5, 7 read what teacher positions 1, 2, 4, 5 read (end 0 of position 0 is a
+    # prompt position, not scored). Row 1: student ends 3, 6 match teacher positions 2, 3.
+    expected = torch.zeros_like(weights)
+    for row, pairs in ((0, ((1, 1), (2, 2), (3, 4), (4, 5))), (1, ((1, 2), (2, 3)))):
+        for student, teacher in pairs:
+            expected[row, student, teacher] = 1.0
+    torch.testing.assert_close(weights, expected)
+    # o→q at a student position is the read-out of the one teacher position it attends to.
+    values = batch["teacher_hidden"] / projector._std(batch["teacher_hidden"], projection.teacher_mask)
+    nxt = nn.functional.embedding(torch.where(projection.teacher_mask, batch["teacher_labels"], 0), batch["teacher_embedding"])
+    values = projector.t2s(values + nxt / projector._std(nxt, projection.teacher_mask))
+    torch.testing.assert_close(projection.o_to_q[0, 3], values[0, 4] @ batch["student_head"].T)
+
+
+def test_text_alignment_falls_back_to_the_latest_earlier_position():
+    torch.manual_seed(0)
+    projector = DualSpaceProjector(D_S, D_T, alignment="text")
+    batch = text_batch()
+    student_hidden = batch["student_hidden"].clone().requires_grad_(True)
+    arguments = dict(batch, student_hidden=student_hidden)
+    projection = project(projector, arguments)
+    # Teacher position 3 of row 0 has read 3 characters; the student has read 2 or 5 characters, so it reads the
+    # student position that has read 2 (position 2). Row 1: teacher end 1 → student end 0 (position 0 is a prompt
+    # position, so nothing is valid and the row gets no weight); end 3 → position 1; end 6 → position 2.
+    student_hidden.grad = None
+    projection.q_to_o[0, 3].sum().backward(retain_graph=True)
+    moved = student_hidden.grad.abs().sum(dim=-1)
+    assert moved[0].nonzero().flatten().tolist() == [2]
+    assert bool((moved[1] == 0).all())
+    student_hidden.grad = None
+    projection.q_to_o[1, 1].sum().backward(retain_graph=True)
+    assert bool((student_hidden.grad.abs().sum(dim=-1) == 0).all())
+    student_hidden.grad = None
+    projection.q_to_o[1, 3].sum().backward()
+    assert student_hidden.grad.abs().sum(dim=-1)[1].nonzero().flatten().tolist() == [2]
+
+
+def test_text_alignment_never_reads_ahead():
+    """Changing what the other model computes at later text leaves earlier projections unchanged."""
+    torch.manual_seed(0)
+    projector = DualSpaceProjector(D_S, D_T, alignment="text")
+    batch = text_batch()
+    before = project(projector, batch)
+    changed = dict(batch)
+    changed["teacher_hidden"] = batch["teacher_hidden"].clone()
+    changed["student_hidden"] = batch["student_hidden"].clone()
+    # Reversing a hidden vector keeps the batch statistics that scale the teacher side.
+    changed["teacher_hidden"][0, 5] = batch["teacher_hidden"][0, 5].flip(-1)  # the teacher has read 7 characters there
+    changed["student_hidden"][0, 4] = batch["student_hidden"][0, 4].flip(-1)  # the student has read 7 characters there
+    after = project(projector, changed)
+    torch.testing.assert_close(after.o_to_q[0, :4], before.o_to_q[0, :4])
+    torch.testing.assert_close(after.q_to_o[0, :5], before.q_to_o[0, :5])
+    assert not torch.allclose(after.o_to_q[0, 4], before.o_to_q[0, 4])
+    # The learned alignment lets every position read every other one.
+    learned = DualSpaceProjector(D_S, D_T)
+    learned.load_state_dict(projector.state_dict())
+    assert not torch.allclose(project(learned, changed).o_to_q[0, :4], project(learned, batch).o_to_q[0, :4])
+
+
+def test_text_alignment_needs_ends():
+    projector = DualSpaceProjector(D_S, D_T, alignment="text")
+    batch = text_batch()
+    del batch["teacher_ends"]
+    with pytest.raises(ConfigError, match="needs teacher_ends"):
+        project(projector, batch)
+    batch = text_batch()
+    batch["student_ends"] = batch["student_ends"][:, :-1]
+    with pytest.raises(ConfigError, match=r"student_ends have shape \(2, 4\)"):
+        project(projector, batch)

@@ -108,6 +108,7 @@ def test_projection_settings_defaults():
     objective = load("KL(o→q ‖ q)")
     assert objective.settings["projection.accuracy_gate"] is False
     assert objective.settings["projection.attention"] == "cross"
+    assert objective.settings["projection.alignment"] == "learned"
 
 
 def test_projection_settings_set():
@@ -132,8 +133,31 @@ def test_dskd_recipe_prints_as_written():
     assert "CE(o→q)" in format_objective(objective)
 
 
-@pytest.mark.parametrize("setting", ["projection.accuracy_gate = true", 'projection.attention = "aligned"', 'projection.compat = "dskd"'])
+@pytest.mark.parametrize("setting", ["projection.accuracy_gate = true", 'projection.attention = "aligned"', 'projection.compat = "dskd"',
+                                     'projection.alignment = "text"'])
 def test_projection_settings_change_hash(setting):
     plain = load("KL(o→q ‖ q)")
     changed = load(f"{setting}\nobjective = KL(o→q ‖ q)")
     assert canonical_hash(plain) != canonical_hash(changed)
+
+
+def test_text_alignment_reaches_the_projector_and_needs_ends():
+    import torch
+
+    from kdsl.errors import KdslError
+
+    compiled = kdsl.compile('projection.alignment = "text"\nobjective = CE + KL(o ‖ q→o)', hidden_sizes=(4, 6),
+                            same_vocab=False)
+    assert compiled.projector.alignment == "text"
+    g = torch.Generator().manual_seed(0)
+    arguments = dict(
+        labels=torch.tensor([[-100, 1, 2]]), teacher_labels=torch.tensor([[-100, 3, 4, 5]]),
+        student_hidden=torch.randn(1, 3, 4, generator=g), teacher_hidden=torch.randn(1, 4, 6, generator=g),
+        student_input_ids=torch.tensor([[0, 1, 2]]), teacher_input_ids=torch.tensor([[0, 3, 4, 5]]),
+        student_embedding=torch.randn(5, 4, generator=g), teacher_embedding=torch.randn(7, 6, generator=g),
+        student_head=torch.randn(5, 4, generator=g), teacher_head=torch.randn(7, 6, generator=g),
+    )
+    with pytest.raises(KdslError, match="needs student_ends"):
+        compiled(**arguments)
+    result = compiled(**arguments, student_ends=torch.tensor([[0, 3, 5]]), teacher_ends=torch.tensor([[0, 2, 3, 5]]))
+    assert torch.isfinite(result.loss)

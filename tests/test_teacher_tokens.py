@@ -88,3 +88,46 @@ def test_teacher_batch_rejects_zero_max_length(tokenizers):
     with pytest.raises(ConfigError, match="max_length = 0"):
         teacher_batch(batch.input_ids, batch.attention_mask, batch.labels, student_tokenizer, teacher_tokenizer,
                       max_length=0)
+
+
+def test_teacher_batch_ends_spell_the_same_text(tokenizers):
+    student_tokenizer, teacher_tokenizer = tokenizers
+    batch = student_batch(student_tokenizer)
+    teacher = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels, student_tokenizer, teacher_tokenizer)
+    for row in range(len(PAIRS)):
+        response_text = student_tokenizer.decode(batch.input_ids[row][batch.labels[row] != -100].tolist(),
+                                                 skip_special_tokens=True)
+        for ids, labels, mask, ends, tokenizer in (
+            (batch.input_ids, batch.labels, batch.attention_mask, teacher.student_ends, student_tokenizer),
+            (teacher.input_ids, teacher.labels, teacher.attention_mask, teacher.teacher_ends, teacher_tokenizer),
+        ):
+            scored = labels[row] != -100
+            attended = mask[row].bool()
+            assert bool((ends[row][attended & ~scored] == 0).all())
+            assert bool((ends[row][~attended] == -1).all())
+            response_ends = ends[row][scored].tolist()
+            assert response_ends == sorted(response_ends)
+            assert response_ends[-1] == len(response_text)
+            # The text read through each response token is the decoded response up to it.
+            response_ids = ids[row][scored].tolist()
+            for count in (1, len(response_ids) // 2, len(response_ids)):
+                decoded = tokenizer.decode(response_ids[:count], skip_special_tokens=True)
+                assert response_text[: response_ends[count - 1]].strip() == decoded.strip()
+    # The two tokenizers agree on most boundaries, so most student ends are teacher ends too.
+    shared = [end in set(teacher.teacher_ends[row].tolist())
+              for row in range(len(PAIRS)) for end in teacher.student_ends[row][batch.labels[row] != -100].tolist()]
+    assert sum(shared) / len(shared) > 0.5
+
+
+def test_teacher_batch_ends_follow_a_cut(tokenizers):
+    student_tokenizer, teacher_tokenizer = tokenizers
+    batch = student_batch(student_tokenizer)
+    full = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels, student_tokenizer, teacher_tokenizer)
+    limit = min(full.attention_mask.sum(dim=1).tolist()) - 2
+    cut = teacher_batch(batch.input_ids, batch.attention_mask, batch.labels, student_tokenizer, teacher_tokenizer,
+                        max_length=limit)
+    for row in range(len(PAIRS)):
+        full_ends = full.teacher_ends[row][full.labels[row] != -100].tolist()
+        cut_ends = cut.teacher_ends[row][cut.labels[row] != -100].tolist()
+        assert cut_ends == full_ends[: len(cut_ends)]
+    assert torch.equal(cut.student_ends, full.student_ends)

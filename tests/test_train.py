@@ -98,6 +98,10 @@ def test_run_writes_directory_and_learns(tiny, tmp_path):
     assert rows["teacher"]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert rows["distilled"]["kl"] < 0.9 * rows["student (initial)"]["kl"]
     assert rows["distilled"]["kl"] < rows["baseline (CE)"]["kl"]
+    comparison = report["distilled_minus_baseline"]
+    assert comparison["ce"] == pytest.approx(rows["distilled"]["ce"] - rows["baseline (CE)"]["ce"], abs=1e-9)
+    assert comparison["ce_ci"][0] <= comparison["ce"] <= comparison["ce_ci"][1]
+    assert comparison["pairs"] == report["heldout_pairs"]
     assert result.report == report
     assert result.steps == 16
 

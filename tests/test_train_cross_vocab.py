@@ -135,3 +135,32 @@ def test_teacher_generation_across_tokenizers_rejected(data, tmp_path):
     with pytest.raises(ConfigError, match=r"d_o"):
         train(objective, None, out_dir=tmp_path / "run", pairs=data["pairs"], heldout=data["heldout"],
               progress_bar=False)
+
+
+@pytest.mark.parametrize(("student", "alignment"), [("builtin:tiny-student-unigram", "learned"),
+                                                     ("builtin:tiny-student", "text")])
+def test_run_with_either_alignment(data, tmp_path, student, alignment):
+    """DSKD's learned alignment across tokenizers, and the text alignment with one tokenizer (position to position)."""
+    objective = dskd(**{"train.max_steps": 2, "student": student, "projection.alignment": alignment})
+    student_model = models.load_model(student)
+    teacher = models.load_model("builtin:tiny-teacher")
+    compiled = compile_objective(objective, student_model, teacher)
+    seen = []
+    compiled.projector.register_forward_hook(lambda module, args, output: seen.append(output))
+    train(objective, compiled, out_dir=tmp_path / "run", student=student_model, teacher=teacher,
+          teacher_tokenizer=models.load_tokenizer("builtin:tiny-teacher"),
+          pairs=data["pairs"], heldout=data["heldout"], progress_bar=False)
+    assert len(seen) == 2
+    for projection in seen:
+        assert torch.isfinite(projection.o_to_q[projection.student_mask]).all()
+        weights = projection.attention
+        if alignment == "text":
+            # One tokenization: every scored position reads the teacher at its own index, and only there.
+            pairs = projection.student_mask.unsqueeze(-1) & projection.teacher_mask.unsqueeze(1)
+            assert torch.equal(projection.student_mask, projection.teacher_mask)
+            eye = torch.eye(weights.shape[1], weights.shape[2], dtype=torch.bool).expand_as(weights)
+            torch.testing.assert_close(weights, (eye & pairs).to(weights.dtype))
+        else:
+            # Across tokenizers the learned attention spreads over the teacher's scored positions.
+            rows = weights[projection.student_mask]
+            assert bool(((rows > 0).sum(dim=-1) > 1).all())
