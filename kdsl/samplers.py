@@ -321,6 +321,49 @@ def generate_examples(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: i
     ]
 
 
+@dataclass(frozen=True)
+class TokenBridge:
+    """Carry generation across two tokenizers: student prompts to the generating model and its text back.
+
+    A model whose tokenizer differs from the student's (a teacher under
+    `d_o`) reads each prompt decoded from the student's ids and encoded
+    with its own tokenizer. What it generates is decoded and encoded again
+    with the student's tokenizer (`kdsl.projection.retokenize`), so the
+    student batch has student ids that spell the generated text, and a
+    generated EOS becomes the student's EOS.
+    """
+
+    student_tokenizer: Any
+    model_tokenizer: Any
+
+    @property
+    def pad_id(self) -> int:
+        return pad_token_id(self.model_tokenizer)
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return frozenset({eos_token_id(self.model_tokenizer)})
+
+    def prompt(self, student_ids: Sequence[int]) -> list[int]:
+        """Return the prompt in the generating model's tokens; an empty text becomes its BOS (or EOS)."""
+        text = self.student_tokenizer.decode(list(student_ids), skip_special_tokens=True)
+        ids = list(self.model_tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]) if text else []
+        if not ids:
+            bos = self.model_tokenizer.bos_token_id
+            ids = [int(bos) if bos is not None else eos_token_id(self.model_tokenizer)]
+        return ids
+
+    def response(self, model_prompt: Sequence[int], completion: Sequence[int]) -> tuple[int, ...]:
+        """Return a completion of the generating model in student tokens, read after its prompt."""
+        from kdsl.projection import retokenize
+
+        if not completion:
+            return ()
+        aligned = retokenize(list(completion), self.model_tokenizer, self.student_tokenizer,
+                             context_ids=list(model_prompt))
+        return tuple(aligned.teacher_ids)
+
+
 # --- Samplers --------------------------------------------------------------------------
 
 
@@ -386,22 +429,36 @@ class DataSampler(Sampler):
 
 
 class GenerationSampler(Sampler):
-    """`d_q` or `d_o`: a model generates responses to dataset prompts; only the response is scored."""
+    """`d_q` or `d_o`: a model generates responses to dataset prompts; only the response is scored.
 
-    def __init__(self, stream: PairStream, model: Callable[[], Any], settings: GenerationSettings, name: str):
+    With a `bridge` the model has its own tokenizer: it reads the prompts
+    in its tokens and its responses come back in the student's.
+    """
+
+    def __init__(self, stream: PairStream, model: Callable[[], Any], settings: GenerationSettings, name: str,
+                 bridge: TokenBridge | None = None):
         self.stream = stream
         self.model = model  # returns the (unwrapped) model to generate with at call time
         self.settings = settings
         self.name = name
+        self.bridge = bridge
         self.pad_id = stream.encoder.pad_id
         self.eos_ids = frozenset({stream.encoder.eos_id})
 
     def draw_examples(self, count: int, point: DrawPoint) -> list[Example]:
         prompts = self.stream.next_prompts(count)
-        return generate_examples(
-            self.model(), prompts, pad_id=self.pad_id, eos_ids=self.eos_ids,
+        if self.bridge is None:
+            return generate_examples(
+                self.model(), prompts, pad_id=self.pad_id, eos_ids=self.eos_ids,
+                settings=self.settings, source=self.name,
+            )
+        model_prompts = [self.bridge.prompt(prompt) for prompt in prompts]
+        generated = generate_examples(
+            self.model(), model_prompts, pad_id=self.bridge.pad_id, eos_ids=self.bridge.eos_ids,
             settings=self.settings, source=self.name,
         )
+        return [Example(tuple(prompt), self.bridge.response(example.prompt, example.response), self.name)
+                for prompt, example in zip(prompts, generated)]
 
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict()}
@@ -646,6 +703,7 @@ class SamplerContext:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    teacher_tokenizer: Any = None  # set when the teacher's tokenizer differs from the student's
     _streams: int = 0
 
     def new_stream(self) -> PairStream:
@@ -666,7 +724,10 @@ def build_sampler(source: Source, context: SamplerContext, path: tuple[int, ...]
     if isinstance(source, StudentSource):
         return GenerationSampler(context.new_stream(), context.student, generation, source.name)
     if isinstance(source, TeacherSource):
-        return GenerationSampler(context.new_stream(), context.teacher, generation, source.name)
+        bridge = None
+        if context.teacher_tokenizer is not None:
+            bridge = TokenBridge(context.encoder.tokenizer, context.teacher_tokenizer)
+        return GenerationSampler(context.new_stream(), context.teacher, generation, source.name, bridge)
     if isinstance(source, MixtureSource):
         # The spec's own choice wins; the mixture.per setting applies where the spec left the default.
         per = source.per if source.per != "batch" else context.settings.get("mixture.per", "batch")

@@ -131,3 +131,26 @@ def test_teacher_batch_ends_follow_a_cut(tokenizers):
         cut_ends = cut.teacher_ends[row][cut.labels[row] != -100].tolist()
         assert cut_ends == full_ends[: len(cut_ends)]
     assert torch.equal(cut.student_ends, full.student_ends)
+
+
+def test_token_bridge_round_trip(tokenizers):
+    """d_o across tokenizers: the teacher reads the prompt in its tokens, and its completion returns in the student's."""
+    from kdsl.samplers import TokenBridge
+
+    student_tokenizer, teacher_tokenizer = tokenizers
+    bridge = TokenBridge(student_tokenizer, teacher_tokenizer)
+    prompt, response = PAIRS[1]
+    student_prompt = student_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    teacher_prompt = bridge.prompt(student_prompt)
+    assert teacher_tokenizer.decode(teacher_prompt) == student_tokenizer.decode(student_prompt)
+    assert teacher_prompt != student_prompt
+    completion = teacher_tokenizer(prompt + response, add_special_tokens=False)["input_ids"][len(teacher_prompt):]
+    completion = completion + [teacher_tokenizer.eos_token_id, teacher_tokenizer.eos_token_id]  # padding after EOS
+    student_response = bridge.response(teacher_prompt, completion[: completion.index(teacher_tokenizer.eos_token_id) + 1])
+    assert student_response[-1] == student_tokenizer.eos_token_id
+    assert max(student_response) < len(student_tokenizer)
+    together = student_tokenizer.decode(list(student_prompt) + list(student_response), skip_special_tokens=True)
+    assert together == prompt + response
+    assert bridge.response(teacher_prompt, []) == ()
+    # An empty prompt becomes one token the first response token can follow.
+    assert bridge.prompt([]) in ([teacher_tokenizer.bos_token_id], [teacher_tokenizer.eos_token_id])
