@@ -137,8 +137,22 @@ def command_eval(args) -> int:
     settings = objective.settings
     checkpoints = {Path(p).name or p: resolve_checkpoint(p) for p in args.checkpoint}
     metrics = [metric.name for metric in objective.evals] or None
-    teacher = load_model(settings["teacher"], trust_remote_code=settings["trust_remote_code"])
-    tokenizer = load_tokenizer(settings["teacher"], trust_remote_code=settings["trust_remote_code"])
+    trust = settings["trust_remote_code"]
+    teacher = load_model(settings["teacher"], trust_remote_code=trust)
+    tokenizer = load_tokenizer(settings["student"], trust_remote_code=trust)
+    teacher_tokenizer = load_tokenizer(settings["teacher"], trust_remote_code=trust)
+    if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        # The teacher scores other tokens: KL and exposure bias compare the two models token by token.
+        needs_teacher = sorted(set(metrics or ()) & {"kl", "exposure_bias"})
+        if needs_teacher:
+            raise ConfigError(
+                f"the spec asks for {', '.join(needs_teacher)}, which compare the teacher {settings['teacher']} and the "
+                f"student {settings['student']} token by token, but they use different tokenizers; "
+                "ask for ce, bpc and rouge_l, which the student's tokenizer alone defines"
+            )
+        metrics = metrics or ["ce", "bpc", "rouge_l"]
+        print(f"the teacher {settings['teacher']} has its own tokenizer: scoring CE, bits/char and ROUGE-L with the "
+              "student's tokenizer (KL and exposure bias need one tokenizer)")
     pairs = load_pairs(settings["data"], args.split, prompt_field=settings["data.prompt_field"],
                        response_field=settings["data.response_field"])
     out_dir = args.out or str(Path(args.checkpoint[0]) / "eval")

@@ -65,3 +65,30 @@ def test_module_entry_point_help():
     assert result.returncode == 0
     assert "run" in result.stdout
     assert "check" in result.stdout
+
+
+@pytest.mark.parametrize(("spec", "student"), [("wsgo.kd", "builtin:tiny-student"),
+                                               ("dskd.kd", "builtin:tiny-student-unigram")])
+def test_eval_scores_a_saved_student(tmp_path, capsys, spec, student):
+    """kdsl eval on a saved model folder; with two tokenizers it scores what the student's tokenizer defines."""
+    from kdsl import models
+
+    folder = tmp_path / "student"
+    models.load_model(student).save_pretrained(folder)
+    models.load_tokenizer(student).save_pretrained(folder)
+    code = main(["eval", str(ROOT / "specs" / spec), "--checkpoint", str(folder), "--out", str(tmp_path / "eval"),
+                 "--set", "eval.max_pairs=2", "--set", "eval.max_new_tokens=4", "--set", "eval.bootstrap=20",
+                 "--set", "eval.max_l=2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    import json
+
+    document = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    heldout = document["checkpoints"]["student"]["heldout"]
+    assert heldout["ce"] > 0 and heldout["num_pairs"] == 2
+    if spec == "dskd.kd":
+        assert "has its own tokenizer" in out
+        assert heldout["kl"] is None
+        assert document["checkpoints"]["student"]["exposure_bias"] is None
+    else:
+        assert heldout["kl"] is not None
