@@ -93,7 +93,7 @@ def test_run_gives_each_model_its_tokens(data, tmp_path):
 
     records = [r for r in result.metrics if "loss/total" in r]
     assert len(records) == 3
-    expected = {"loss/total", "loss/CE", "loss/CE(o→q)", "loss/KL(o→q[τ=2]‖q[τ=2])", "loss/KL(o[τ=2]‖q→o[τ=2])"}
+    expected = {"loss/total", "loss/CE", "loss/CE(o→q)", "loss/KL(o→q[τ=1]‖q[τ=1])", "loss/KL(o[τ=1]‖q→o[τ=1])"}
     for record in records:
         losses = {key: value for key, value in record.items() if key.startswith("loss/")}
         assert set(losses) == expected
