@@ -101,8 +101,11 @@ def command_explain(args) -> int:
     from kdsl import explain
 
     objective = load_spec(args)
-    print(explain.explain(objective, batch=args.batch, length=args.length, student_vocab=args.student_vocab,
-                          teacher_vocab=args.teacher_vocab, hidden=args.hidden))
+    shapes = explain.spec_shapes(objective)
+    given = {"batch": args.batch, "length": args.length, "student_vocab": args.student_vocab,
+             "teacher_vocab": args.teacher_vocab, "hidden": args.hidden}
+    shapes.update({name: value for name, value in given.items() if value is not None})
+    print(explain.explain(objective, **shapes))
     return 0
 
 
@@ -196,10 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("graph", command_graph, "print the compiled graph in its stable text form")
 
     explain = add("explain", command_explain, "dry run: forward passes, generations, samplers and loss memory")
-    explain.add_argument("--batch", type=int, default=8, help="sequences per batch (B)")
-    explain.add_argument("--length", type=int, default=256, help="tokens per sequence (T)")
-    explain.add_argument("--student-vocab", type=int, default=32000, help="student vocabulary size (Vs)")
-    explain.add_argument("--teacher-vocab", type=int, default=None, help="teacher vocabulary size (Vt; default Vs)")
+    explain.add_argument("--batch", type=int, default=None, help="sequences per batch (B; default train.batch_size)")
+    explain.add_argument("--length", type=int, default=None,
+                         help="tokens per sequence (T; default data.max_prompt_tokens + data.max_response_tokens)")
+    explain.add_argument("--student-vocab", type=int, default=None,
+                         help="student vocabulary size (Vs; default: the student's config where it is local, else 32000)")
+    explain.add_argument("--teacher-vocab", type=int, default=None,
+                         help="teacher vocabulary size (Vt; default: the teacher's config where it is local, else Vs)")
     explain.add_argument("--hidden", type=int, default=None, help="hidden size H when the loss takes hidden states")
 
     evaluate = add("eval", command_eval, "evaluate checkpoints: held-out CE, KL to the teacher, ROUGE-L, exposure bias")

@@ -128,6 +128,28 @@ def _size(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
+def spec_shapes(objective: obj.Objective) -> dict[str, int]:
+    """Return the shapes a run of the spec would have: batch, length and the vocabularies of local models.
+
+    Batch and length come from train.batch_size and the data.* token limits.
+    Vocabulary sizes come from the config.json of a builtin or local model;
+    a model that only a hub has keeps explain's default.
+    """
+    from kdsl import models
+
+    settings = objective.settings
+    shapes = {"batch": int(settings.get("train.batch_size", 8)),
+              "length": int(settings.get("data.max_prompt_tokens", 64)) + int(settings.get("data.max_response_tokens", 64))}
+    trust = bool(settings.get("trust_remote_code", False))
+    for role, key in (("student", "student_vocab"), ("teacher", "teacher_vocab")):
+        name = settings.get(role)
+        config = models.local_config(name, trust_remote_code=trust) if name else None
+        vocab = getattr(config, "vocab_size", None)
+        if isinstance(vocab, int) and vocab > 0:
+            shapes[key] = vocab
+    return shapes
+
+
 def explain(objective: obj.Objective, *, batch: int = 8, length: int = 256, student_vocab: int = 32000,
             teacher_vocab: int | None = None, hidden: int | None = None) -> str:
     """Describe the forward passes, generations, samplers and estimated loss memory per micro-batch."""

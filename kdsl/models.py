@@ -81,6 +81,28 @@ def load_model(name: str, *, dtype=None, trust_remote_code: bool = False) -> Pre
         raise _not_found(name, "model", error) from None
 
 
+def local_config(name: str, *, trust_remote_code: bool = False):
+    """Return the config of a builtin model or a local model folder, or None where only a hub has it.
+
+    Reads config.json only: no weights are loaded and no hub is contacted.
+    """
+    from transformers import AutoConfig
+
+    if builtins.is_builtin(name):
+        key = builtins.strip_prefix(name)
+        if key not in builtins.MODELS:
+            raise ConfigError(f"unknown builtin model {name!r}; known builtin models: {', '.join(builtin_names())}")
+        source = _existing(builtins.MODELS[key], name)
+    else:
+        source = _resolve(name)
+        if not Path(source).is_dir():
+            return None
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
 # ----------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------

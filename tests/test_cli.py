@@ -92,3 +92,20 @@ def test_eval_scores_a_saved_student(tmp_path, capsys, spec, student):
         assert document["checkpoints"]["student"]["exposure_bias"] is None
     else:
         assert heldout["kl"] is not None
+
+
+def test_explain_reads_shapes_from_the_spec(capsys):
+    assert main(["explain", str(ROOT / "specs" / "dskd.kd")]) == 0
+    out = capsys.readouterr().out
+    assert "B=8 T=64 Vs=3000 Vt=4096" in out  # train.batch_size, 32 + 32 tokens, the two builtin vocabularies
+    assert main(["explain", str(ROOT / "specs" / "dskd.kd"), "--batch", "2", "--student-vocab", "50"]) == 0
+    assert "B=2 T=64 Vs=50 Vt=4096" in capsys.readouterr().out
+
+
+def test_explain_keeps_defaults_for_hub_models(capsys):
+    from kdsl import models
+
+    assert models.local_config("some-org/some-model") is None  # a hub id: nothing is read, nothing is fetched
+    assert main(["explain", str(ROOT / "specs" / "kd.kd"), "--set", "student=some-org/some-model",
+                 "--set", "teacher=some-org/other-model"]) == 0
+    assert "Vs=32000 Vt=32000" in capsys.readouterr().out
