@@ -198,7 +198,9 @@ def test_paired_difference_matches_hand_computation(student, teacher, tokenizer)
     assert low <= paired.difference <= high
     # A model against itself differs by exactly nothing on every resample.
     same = ev.paired_ce_difference(a, a, bootstrap=50)
-    assert same.difference == 0.0 and same.ci == (0.0, 0.0) and same.wins == 0
+    assert same.difference == 0.0
+    assert same.ci == (0.0, 0.0)
+    assert same.wins == 0
     assert "pair_nll" not in a.summary()
     json.dumps(a.summary())
 
