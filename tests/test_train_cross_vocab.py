@@ -209,3 +209,79 @@ def test_run_with_either_alignment(data, tmp_path, student, alignment):
             # Across tokenizers the learned attention spreads over the teacher's scored positions.
             rows = weights[projection.student_mask]
             assert bool(((rows > 0).sum(dim=-1) > 1).all())
+
+
+TWO_PROCESS_DRIVER = r'''
+import json, sys
+import torch
+from accelerate import PartialState
+import kdsl
+from kdsl import models
+from kdsl.data import load_pairs
+from kdsl.train import compile_objective, train
+
+spec, out_dir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+objective = kdsl.load(spec, overrides, same_vocab=False)
+student = models.load_model(objective.settings["student"])
+teacher = models.load_model(objective.settings["teacher"])
+torch.manual_seed(0)  # the projector's initial weights, equal in both runs
+compiled = compile_objective(objective, student, teacher)
+train(objective, compiled, out_dir=out_dir, student=student, teacher=teacher,
+      teacher_tokenizer=models.load_tokenizer(objective.settings["teacher"]),
+      pairs=load_pairs("builtin:shakespeare", "train", fraction=0.002, seed=0),
+      heldout=load_pairs("builtin:shakespeare", "validation", fraction=1.0, seed=0).select(range(4)),
+      progress_bar=False)
+compiled.projector.save_pretrained(f"{out_dir}/projector_rank{PartialState().process_index}.safetensors")
+'''
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_big_batch(data, tmp_path):
+    """Two gloo processes with batch 2 each train the student and the projector as one process with batch 4."""
+    import os
+    import subprocess
+    import sys
+
+    settings = {**SMALL, "train.max_steps": 3, "train.seed": 3, "train.eval_every": 0}
+    driver = tmp_path / "driver.py"
+    driver.write_text(TWO_PROCESS_DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(SPECS.parent), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    two = {**settings, "train.batch_size": 2}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(driver), str(SPECS / "dskd.kd"), str(tmp_path / "two"),
+               json.dumps(two)]
+    launched = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    single = subprocess.run([sys.executable, str(driver), str(SPECS / "dskd.kd"), str(tmp_path / "one"),
+                             json.dumps(settings)], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-4000:]
+
+    def losses(run):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss/total"], r["loss/KL(o[τ=1]‖q→o[τ=1])"]) for r in records if "loss/total" in r]
+
+    one, two_runs = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [step for step, _, _ in two_runs] == [1, 2, 3]
+    # Step 3 depends on the all-reduced gradients of steps 1 and 2, the projector's included.
+    for (_, total, projected), (_, total_two, projected_two) in zip(one, two_runs):
+        assert total_two == pytest.approx(total, rel=1e-4)
+        assert projected_two == pytest.approx(projected, rel=1e-4)
+    # Every process ends with the same projector: its gradients are all-reduced with the student's.
+    ranks = [load_file(str(tmp_path / "two" / f"projector_rank{rank}.safetensors")) for rank in range(2)]
+    for name, tensor in ranks[0].items():
+        assert torch.equal(ranks[1][name], tensor), name
+    # The projection and the student match one process up to the teacher-side scale, which each process takes
+    # over its own rows (`projection.compat`): the projected-teacher CE differs in its fifth digit, and Adam turns
+    # the near-zero t2s gradients it moves into steps of up to the learning rate.
+    single = load_file(str(tmp_path / "one" / "projector.safetensors"))
+    for name in ("s2t.0.weight", "s2t.0.bias", "query.0.weight"):
+        torch.testing.assert_close(ranks[0][name], single[name], rtol=1e-4, atol=1e-5)
