@@ -279,9 +279,9 @@ def test_two_processes_match_one_big_batch(data, tmp_path):
     ranks = [load_file(str(tmp_path / "two" / f"projector_rank{rank}.safetensors")) for rank in range(2)]
     for name, tensor in ranks[0].items():
         assert torch.equal(ranks[1][name], tensor), name
-    # The projection and the student match one process up to the teacher-side scale, which each process takes
-    # over its own rows (`projection.compat`): the projected-teacher CE differs in its fifth digit, and Adam turns
-    # the near-zero t2s gradients it moves into steps of up to the learning rate.
+    # s2t and query match one process. t2s does not quite: each process scales the teacher side over its own rows,
+    # so CE(o→q) differs in its fifth digit. Adam turns the near-zero t2s gradients that moves into steps of up to
+    # the learning rate.
     single = load_file(str(tmp_path / "one" / "projector.safetensors"))
     for name in ("s2t.0.weight", "s2t.0.bias", "query.0.weight"):
         torch.testing.assert_close(ranks[0][name], single[name], rtol=1e-4, atol=1e-5)
