@@ -23,9 +23,15 @@ side's tokens. A term over `o` or `q→o` may read `o(w_t)`, and a term over
 `q` or `o→q` may read `q(w_t)`: each is the probability of that side's own
 label.
 
+Sequence weights ρ(w) are one number per row: row b is the same text in
+both tokenizations, so `log o(w)` sums the teacher's log-probabilities of
+its own labels, `log q(w)` and `log ref(w)` the student's (the reference
+model reads the student's tokens), and `T` in ρ(w) counts the student's
+scored tokens. The weight multiplies the term at every position of the row,
+on either side.
+
 NOTE: this path evaluates whole [B, L, V] tensors with ordinary autograd,
-without the chunking of `kdsl.lower`. Sequence weights ρ(w) are rejected with
-projections.
+without the chunking of `kdsl.lower`.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ _ROLE_SYMBOLS = {str(symbol): symbol for symbol in ALL_ROLES}
 # Ops this evaluator runs on whole [B, L, ...] tensors.
 _SUPPORTED = {"input", "valid", "projection", "log_softmax", "mixture", "kl", "cross_entropy", "total_variation",
               "entropy", "token_nll", "combine", "token_mean", "sequence_mean", "sum", "schedule", "token_weight",
-              "position", "length", "token_logp"}
+              "position", "length", "token_logp", "sequence_logp", "sequence_length", "sequence_weight"}
 
 # The call arguments the projector reads, with what each one is.
 _PROJECTOR_ARGUMENTS = {
@@ -132,15 +138,9 @@ class ProjectedObjective(nn.Module):
         self.settings = {**defaults(), **objective.settings}
         self.fused = False
         for node in graph:
-            if node.op in ("sequence_logp", "sequence_length", "sequence_weight"):
-                raise KdslError(f"node %{node.name} ({node.op}) belongs to a sequence weight ρ(w), which is not "
-                                "available together with a projection (o→q, q→o); use a token weight or a schedule")
             if node.op not in _SUPPORTED:
                 raise KdslError(f"node %{node.name} ({node.op}) is not available together with a projection (o→q, q→o); "
-                                "write the objective with KL, CE, H, TV, mixtures, token weights and schedules")
-            if node.op in ("token_mean", "sequence_mean") and any(key == "seq_weight" for key, _ in node.named):
-                raise KdslError(f"term '{node.attr('name')}' has a sequence weight ρ(w), which is not available together "
-                                "with a projection (o→q, q→o); use a token weight or a scheduled coefficient")
+                                "write the objective with KL, CE, H, TV, mixtures, token and sequence weights and schedules")
         if objective.reduction != "token":
             raise KdslError(f'reduction = "{objective.reduction}" is not available together with a projection (o→q, q→o); '
                             'use reduction = "token"')
@@ -169,6 +169,7 @@ class ProjectedObjective(nn.Module):
         teacher_head: Tensor | None = None,
         student_ends: Tensor | None = None,
         teacher_ends: Tensor | None = None,
+        ref_logits: Tensor | None = None,
         epoch: float = 0.0,
         step: int = 0,
         progress: float = 0.0,
@@ -192,7 +193,8 @@ class ProjectedObjective(nn.Module):
             schedule={"epoch": float(epoch), "step": float(step), "progress": float(progress)},
             labels={"student": labels.long(), "teacher": teacher_labels.long() if teacher_labels is not None else None},
             logits={"student": _logits(student_logits, student_hidden, student_head, "student"),
-                    "teacher": _logits(teacher_logits, teacher_hidden, teacher_head, "teacher")},
+                    "teacher": _logits(teacher_logits, teacher_hidden, teacher_head, "teacher"),
+                    "ref": ref_logits},
             projection=projection,
         )
         count = int(labels.ne(IGNORE_INDEX).sum())
@@ -205,7 +207,8 @@ class ProjectedObjective(nn.Module):
             value = call.term(self.graph, term) / denominator
             values[self.term_keys[term.name]] = value.detach()
             loss = value if loss is None else loss + value
-        return LossResult(loss, values, num_items if num_items is not None else count)
+        return LossResult(loss, values, num_items if num_items is not None else count,
+                          sequence_weights=call.applied_weights(self.graph, terms))
 
     def _select_terms(self, group: int | None) -> list[Node]:
         if group is None:
@@ -280,6 +283,7 @@ class _Evaluation:
         self.logits = logits
         self.projection = projection
         self.cache: dict[tuple[str, bool], Tensor] = {}
+        self.unclipped: dict[str, Tensor] = {}  # float64 [B] per sequence_weight node, before rho.clip
 
     def term(self, graph: Graph, term: Node) -> Tensor:
         loss_node = graph.node(term.inputs[0])
@@ -299,7 +303,57 @@ class _Evaluation:
                 weight = self.token_weight(graph, graph.node(name), side, term.attr("name"))
                 # A zero weight removes the position even where the loss is +inf (0·inf would be NaN).
                 per_position = torch.where(weight == 0, 0.0, weight * per_position)
+            elif key == "seq_weight":
+                weight = self.sequence_value(graph, graph.node(name)).float().unsqueeze(-1)  # [B, 1]
+                per_position = torch.where(weight == 0, 0.0, weight * per_position)
         return coefficient * torch.where(mask, per_position, 0.0).sum()
+
+    def sequence_value(self, graph: Graph, node: Node) -> Tensor:
+        """Evaluate a per-row node of a sequence weight, [B] in float64 and without gradient."""
+        key = (node.name, True)
+        if key in self.cache:
+            return self.cache[key]
+        with torch.no_grad():
+            if node.op == "sequence_logp":
+                logp_node = graph.node(node.inputs[0])
+                labels = self.labels[self.side(graph, logp_node)]
+                valid = labels.ne(IGNORE_INDEX)
+                picked = self.value(graph, logp_node, True).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                # Sums of hundreds of log-probabilities are kept in float64, as in kdsl.lower.
+                value = torch.where(valid, picked.double(), 0.0).sum(dim=1)
+            elif node.op == "sequence_length":
+                value = self.labels["student"].ne(IGNORE_INDEX).sum(dim=1).double()
+            elif node.op == "sequence_weight":
+                bindings = {_ROLE_SYMBOLS[name]: float(v) for name, v in self.schedule.items()}
+                for role, name in node.named:
+                    bindings[_ROLE_SYMBOLS[role]] = self.sequence_value(graph, graph.node(name))
+                rows = self.labels["student"].shape[0]
+                value = scalars.evaluate(node.attr("expr"), bindings, dtype=torch.float64)
+                value = value.expand(rows) if value.dim() == 0 else value
+                self.unclipped[node.name] = value
+                clip = node.attr("clip")
+                value = value.clamp(max=clip) if clip is not None else value
+            else:
+                raise KdslError(f"node %{node.name} ({node.op}) is not a per-sequence value")
+        self.cache[key] = value
+        return value
+
+    def applied_weights(self, graph: Graph, terms: list[Node]) -> dict:
+        """Return the sequence weights each term applied, keyed by term name, as kdsl.lower reports them."""
+        from kdsl.lower import SequenceWeights
+
+        applied = {}
+        for term in terms:
+            name = term.named_input("seq_weight")
+            if name is None:
+                continue
+            loss_node = graph.node(term.inputs[0])
+            side = self.side(graph, loss_node)
+            applied[term.attr("name")] = SequenceWeights(
+                applied=self.cache[(name, True)], unclipped=self.unclipped[name],
+                scored=self.labels[side].ne(IGNORE_INDEX).any(dim=1), clip=graph.node(name).attr("clip"),
+            )
+        return applied
 
     def token_weight(self, graph: Graph, node: Node, side: str, term_name: str) -> Tensor:
         """Evaluate a per-token weight [B, L] at the positions of `side`, without gradient."""
@@ -349,6 +403,8 @@ class _Evaluation:
                 sides.add("student" if current.attr("source") == "o" else "teacher")
             elif current.op == "input" and current.attr("role") in ("student_logits", "teacher_logits"):
                 sides.add(current.attr("role").split("_")[0])
+            elif current.op == "input" and current.attr("role") == "ref_logits":
+                sides.add("student")  # the reference model reads the student's tokens
             elif current.op not in ("input", "valid", "position", "length"):
                 stack.extend(graph.node(name) for name in current.inputs)
         if len(sides) > 1:
@@ -405,4 +461,9 @@ class _Evaluation:
             if logits is None:
                 raise KdslError(f"this objective needs {side}_logits, or {side}_hidden with {side}_head")
             return logits.detach() if side == "teacher" else logits
+        if role == "ref_logits":
+            if self.logits["ref"] is None:
+                raise KdslError("this objective reads ref(w): pass ref_logits, the reference model's logits on the "
+                                "student's tokens [B, S, V_s]")
+            return self.logits["ref"].detach()
         raise KdslError(f"the input {role} is not available together with a projection (o→q, q→o)")

@@ -197,7 +197,8 @@ class Trainer:
             student, self.optimizer = accelerator.prepare(student, self.optimizer)
             compiled = compiled.to(accelerator.device)
         self.student, self.compiled = student, compiled
-        self.weight_stats = SequenceWeightStats.for_module(compiled)  # None unless a term has a sequence weight
+        # None unless a term has a sequence weight; a compiled objective with a projector is wrapped for DDP.
+        self.weight_stats = SequenceWeightStats.for_module(accelerator.unwrap_model(compiled))
 
         self.steps_per_epoch, self.total_steps = count_steps(len(pairs), config, self.world_size)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
@@ -373,8 +374,13 @@ class Trainer:
         with self.accelerator.autocast():
             student_out = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                        output_hidden_states=True)
+        ref_logits = None
+        if "ref_logits" in self.inputs[group]:
+            # The reference model reads the student's tokens (ref(w) in a sequence weight).
+            with torch.no_grad():
+                ref_logits = self.ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         student = self.accelerator.unwrap_model(self.student)
-        return self.compiled(
+        result = self.compiled(
             student_logits=student_out.logits[:, :-1],
             labels=batch.labels[:, 1:],
             teacher_logits=teacher_out.logits[:, :-1],
@@ -387,9 +393,12 @@ class Trainer:
             teacher_embedding=self.teacher.get_input_embeddings(),
             student_head=student.get_output_embeddings().weight,
             teacher_head=self.teacher.get_output_embeddings().weight,
-            student_ends=student_ends[:, :-1], teacher_ends=teacher_ends[:, :-1],
+            student_ends=student_ends[:, :-1], teacher_ends=teacher_ends[:, :-1], ref_logits=ref_logits,
             epoch=point.epoch, step=point.step, progress=point.progress, num_items=num_items, group=group,
         )
+        if self.weight_stats is not None:
+            self.weight_stats.observe(result)
+        return result
 
     def sync_context(self, last: bool):
         """Skip the gradient all-reduce on every backward of the step but the last."""

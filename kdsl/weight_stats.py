@@ -41,10 +41,12 @@ class SequenceWeightStats:
     def for_module(cls, module: Any) -> "SequenceWeightStats | None":
         """Return the statistics of `module`'s sequence weights, or None when no term has one.
 
-        Only `CompiledObjective` is supported, because objectives with
-        projections (`kdsl.projected.ProjectedObjective`) reject sequence weights.
+        `module` is a `CompiledObjective` or a `kdsl.projected.ProjectedObjective`;
+        for any other module there is nothing to observe.
         """
-        if not isinstance(module, CompiledObjective):
+        from kdsl.projected import ProjectedObjective
+
+        if not isinstance(module, (CompiledObjective, ProjectedObjective)):
             return None
         clips = {}
         for term in module.graph.term_nodes():

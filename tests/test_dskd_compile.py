@@ -239,7 +239,43 @@ def test_weight_across_vocabularies_rejected():
         call_case(compiled, inputs, teacher_type, inputs["student_hidden"], inputs["student_lm_head"])
 
 
-def test_sequence_weight_with_projection_rejected():
-    with pytest.raises(KdslError, match="sequence weight"):
-        kdsl.compile('ref = "builtin:tiny-ref"\nρ(w) = ref(w) / q(w)\n'
-                     "objective = CE(o→q) + ρ(w)·KL(o→q ‖ q)", hidden_sizes=(4, 6), same_vocab=False)
+def test_sequence_weight_on_projected_terms():
+    """ρ(w) reads each model's log-probability of the row's text in its own tokens, and weighs both sides' terms."""
+    meta, inputs, _, teacher_type = load_case(CASE)
+    teacher_labels = inputs[f"teacher_{teacher_type}_label"]
+    compiled = compile_with('rho.clip = 3\nρ(T, w) = (o(w) / q(w))^(1/T)\n'
+                            "objective = CE + ρ(T, w)·KL(o ‖ q→o) + ρ(T, w)·KL(o→q ‖ q)", inputs, meta)
+    plain = compile_with("objective = CE + KL(o ‖ q→o) + KL(o→q ‖ q)", inputs, meta)
+    result = call_case(compiled, inputs, teacher_type, inputs["student_hidden"], inputs["student_lm_head"])
+    reference = call_case(plain, inputs, teacher_type, inputs["student_hidden"], inputs["student_lm_head"])
+
+    # By hand, in float64: each side's log-probability of its own labels, summed over its scored tokens.
+    labels = inputs["label"]
+    student_logits = inputs["student_hidden"].double() @ inputs["student_lm_head"].double().T
+    teacher_logits = inputs["teacher_hidden"].double() @ inputs["teacher_lm_head"].double().T
+    def sequence_logp(logits, row_labels):
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, row_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return torch.where(row_labels.ne(-100), logp, 0.0).sum(dim=1)
+    length = labels.ne(-100).sum(dim=1).double()
+    unclipped = torch.exp((sequence_logp(teacher_logits, teacher_labels) - sequence_logp(student_logits, labels)) / length)
+    applied = unclipped.clamp(max=3.0)
+    assert set(result.terms) == {"CE", "KL(o‖q→o)", "KL(o→q‖q)"}  # a term's name leaves its weight out
+    for name in ("KL(o‖q→o)", "KL(o→q‖q)"):
+        weights = result.sequence_weights[name]
+        torch.testing.assert_close(weights.unclipped, unclipped, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(weights.applied.double(), applied, rtol=1e-5, atol=1e-8)
+        assert weights.clip == 3.0
+
+    # Each row's KL terms scale by its weight: with one row at a time the ratio to the plain term is the weight.
+    for row in range(labels.shape[0]):
+        def one_row(tensor):
+            return tensor[row : row + 1]
+        single = {key: one_row(value) if key in ("label", "student_hidden", "teacher_hidden", "input_ids",
+                                                 f"teacher_{teacher_type}_label", f"teacher_{teacher_type}_input_ids")
+                  else value for key, value in inputs.items()}
+        weighted = call_case(compiled, single, teacher_type, single["student_hidden"], single["student_lm_head"])
+        base = call_case(plain, single, teacher_type, single["student_hidden"], single["student_lm_head"])
+        for name in ("KL(o‖q→o)", "KL(o→q‖q)"):
+            torch.testing.assert_close(weighted.terms[name].double(), applied[row] * base.terms[name].double(),
+                                       rtol=1e-4, atol=1e-7)
+    assert set(reference.sequence_weights) == set()

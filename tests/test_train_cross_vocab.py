@@ -285,3 +285,19 @@ def test_two_processes_match_one_big_batch(data, tmp_path):
     single = load_file(str(tmp_path / "one" / "projector.safetensors"))
     for name in ("s2t.0.weight", "s2t.0.bias", "query.0.weight"):
         torch.testing.assert_close(ranks[0][name], single[name], rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_weight_across_tokenizers(data, tmp_path):
+    """ρ(w) compares the teacher's log-probability of the text in its tokens with the student's in the student's."""
+    objective = kdsl.load("rho.clip = 2\nρ(T, w) = (o(w) / q(w))^(1/T)\nobjective = CE + ρ(T, w)·KL(o ‖ q→o)",
+                          {**SMALL, "train.max_steps": 2, "student": "builtin:tiny-student-unigram"}, same_vocab=False)
+    result = train(objective, None, out_dir=tmp_path / "run", pairs=data["pairs"], heldout=data["heldout"],
+                   progress_bar=False)
+    records = [r for r in result.metrics if "loss/total" in r]
+    assert len(records) == 2
+    for record in records:
+        rho = {key: value for key, value in record.items() if key.startswith("rho/")}
+        assert rho, record.keys()
+        assert all(math.isfinite(value) for value in rho.values()), rho
+        assert 0.0 < record["rho/mean"] <= 2.0
+        assert math.isfinite(record["loss/KL(o‖q→o)"])
