@@ -602,6 +602,11 @@ def _quiet_absl() -> None:
         return
     if absl_logging.get_verbosity() > absl_logging.WARNING:
         absl_logging.set_verbosity(absl_logging.WARNING)
+    # Before absl's flags are parsed its messages go through the standard "absl" logger, which the
+    # verbosity above does not reach; under a root logger at INFO they would still print.
+    absl_logger = logging.getLogger("absl")
+    if absl_logger.getEffectiveLevel() < logging.WARNING:
+        absl_logger.setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager

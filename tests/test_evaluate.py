@@ -576,3 +576,29 @@ def test_missing_checkpoint_rejected(teacher, tokenizer, tmp_path):
         ev.evaluate_checkpoints(
             {}, [str(tmp_path / "nothing")], None, teacher=teacher, tokenizer=tokenizer, pairs=PAIRS, metrics=["ce"]
         )
+
+
+def test_rouge_scoring_keeps_absl_info_off_the_terminal(student, tokenizer):
+    """rouge-score logs "Using default tokenizer." at info level through absl; kdsl's commands log at info level."""
+    import logging
+
+    root = logging.getLogger()
+    absl_logger = logging.getLogger("absl")
+    saved = root.level, absl_logger.level
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.DEBUG)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    absl_logger.setLevel(logging.NOTSET)
+    try:
+        ev.rouge_l(student, tokenizer, PAIRS[:1], max_new_tokens=2)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved[0])
+        absl_logger.setLevel(saved[1])
+    assert not [message for message in records if "default tokenizer" in message], records
