@@ -610,6 +610,23 @@ def _quiet_absl() -> None:
 
 
 @contextlib.contextmanager
+def _no_padding_warning() -> Iterator[None]:
+    """Silence transformers' "passing in an attention_mask" warning while kdsl generates.
+
+    kdsl passes the mask; some decoding steps of `generate` call the model
+    without it, and a tokenizer whose pad, BOS and EOS share one id (the
+    builtin Unigram tokenizer) then triggers the warning on generated EOS ids.
+    """
+    source = logging.getLogger("transformers.modeling_utils")
+    level = source.level
+    source.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        source.setLevel(level)
+
+
+@contextlib.contextmanager
 def _plain_generation_config(model: torch.nn.Module) -> Iterator[None]:
     """Hide the model's own generation defaults (penalties, top-k) while kdsl generates.
 
@@ -700,7 +717,7 @@ def generate_continuations(
 
     device = _device_of(model)
     continuations = []
-    with _eval_mode(model), _plain_generation_config(model), _seeded(seed, device):
+    with _eval_mode(model), _plain_generation_config(model), _seeded(seed, device), _no_padding_warning():
         for _, batch in _batches(list(prompt_ids), batch_size):
             input_ids, attention_mask = _left_padded(batch, pad_id, device)
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
