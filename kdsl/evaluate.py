@@ -56,6 +56,7 @@ from torch import Tensor
 
 from kdsl import numerics
 from kdsl.errors import ConfigError
+from kdsl.samplers import quiet_padding_warning
 from kdsl.settings import defaults as default_settings
 
 logger = logging.getLogger("kdsl.evaluate")
@@ -610,23 +611,6 @@ def _quiet_absl() -> None:
 
 
 @contextlib.contextmanager
-def _no_padding_warning() -> Iterator[None]:
-    """Silence transformers' "passing in an attention_mask" warning while kdsl generates.
-
-    kdsl passes the mask; some decoding steps of `generate` call the model
-    without it, and a tokenizer whose pad, BOS and EOS share one id (the
-    builtin Unigram tokenizer) then triggers the warning on generated EOS ids.
-    """
-    source = logging.getLogger("transformers.modeling_utils")
-    level = source.level
-    source.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        source.setLevel(level)
-
-
-@contextlib.contextmanager
 def _plain_generation_config(model: torch.nn.Module) -> Iterator[None]:
     """Hide the model's own generation defaults (penalties, top-k) while kdsl generates.
 
@@ -717,7 +701,7 @@ def generate_continuations(
 
     device = _device_of(model)
     continuations = []
-    with _eval_mode(model), _plain_generation_config(model), _seeded(seed, device), _no_padding_warning():
+    with _eval_mode(model), _plain_generation_config(model), _seeded(seed, device), quiet_padding_warning():
         for _, batch in _batches(list(prompt_ids), batch_size):
             input_ids, attention_mask = _left_padded(batch, pad_id, device)
             output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
@@ -1298,6 +1282,13 @@ def _shown_lengths(result: ExposureBiasResult, max_rows: int) -> list[int]:
     return lengths
 
 
+def _percent(value: float | None, band: tuple[float | None, float | None]) -> tuple[Any, tuple[Any, Any]]:
+    """Scale a fraction and its band to percent, as the report of kdsl run prints ROUGE-L."""
+    def scale(x):
+        return None if x is None else 100.0 * x
+    return scale(value), (scale(band[0]), scale(band[1]))
+
+
 def format_table(results: Any, *, max_rows: int = 12) -> str:
     """Render a plain-text summary table and one exposure-bias table per checkpoint.
 
@@ -1306,7 +1297,7 @@ def format_table(results: Any, *, max_rows: int = 12) -> str:
     and the largest l.
     """
     results = _as_results(results)
-    header = ["checkpoint", "CE (nats/tok)", "BPC", "KL(o‖q)/tok", "ROUGE-L", "ExAccErr(max l) %"]
+    header = ["checkpoint", "CE (nats/tok)", "BPC", "KL(o‖q)/tok", "ROUGE-L F1 ×100", "ExAccErr(max l) %"]
     rows = []
     for r in results.values():
         row = _summary_row(r)
@@ -1315,7 +1306,7 @@ def format_table(results: Any, *, max_rows: int = 12) -> str:
             _cell(row["ce"], (row["ce_low"], row["ce_high"])),
             _cell(row["bpc"], (row["bpc_low"], row["bpc_high"])),
             _cell(row["kl"], (row["kl_low"], row["kl_high"])),
-            _cell(row["rouge_l"], (row["rouge_l_low"], row["rouge_l_high"])),
+            _cell(*_percent(row["rouge_l"], (row["rouge_l_low"], row["rouge_l_high"]))),
             _cell(row["ex_acc_err"], (row["ex_acc_err_low"], row["ex_acc_err_high"])),
         ])
     blocks = [_render(header, rows)]

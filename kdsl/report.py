@@ -26,7 +26,7 @@ COLUMNS = (
     ("ce", "CE nats/tok", "{:.4f}"),
     ("bits_per_char", "bits/char", "{:.4f}"),
     ("kl", "KL(o‖q)", "{:.4f}"),
-    ("rouge_l", "ROUGE-L", "{:.2f}"),
+    ("rouge_l", "ROUGE-L F1 ×100", "{:.2f}"),
 )
 
 

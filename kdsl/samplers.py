@@ -14,10 +14,12 @@ result is laid out again right-padded.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -290,6 +292,23 @@ class GenerationSettings:
         }
 
 
+@contextlib.contextmanager
+def quiet_padding_warning() -> Iterator[None]:
+    """Silence transformers' "passing in an attention_mask" warning while kdsl generates.
+
+    kdsl passes the mask; some decoding steps of `generate` call the model
+    without it, and a tokenizer whose pad, BOS and EOS share one id (as
+    the builtin tokenizers do) then triggers the warning on generated EOS ids.
+    """
+    source = logging.getLogger("transformers.modeling_utils")
+    level = source.level
+    source.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        source.setLevel(level)
+
+
 def generate_examples(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int,
                       eos_ids: frozenset[int], settings: GenerationSettings, source: str) -> list[Example]:
     """Generate one response per prompt with the model's KV-cache `generate`.
@@ -303,7 +322,7 @@ def generate_examples(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: i
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_padding_warning():
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),

@@ -18,8 +18,9 @@ import kdsl
 from kdsl.errors import KdslError
 from kdsl.projected import ProjectedObjective
 from kdsl.projection import DualSpaceProjector
+from tests.peer_vectors import vectors_dir
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "vectors"
+VECTORS = vectors_dir()
 RTOL, ATOL = 1e-5, 1e-6
 
 HEADER = 'projection.compat = "dskd"\n'

@@ -20,8 +20,9 @@ import torch
 
 from kdsl import numerics
 from kdsl.projection import DualSpaceProjector, projected_accuracy
+from tests.peer_vectors import vectors_dir
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "vectors"
+VECTORS = vectors_dir()
 CASES = sorted(path.name[: -len(".json")] for path in VECTORS.glob("dskd_full_*.json"))
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -11,7 +11,6 @@ something else (Liger's log-probability and probability inputs).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -20,8 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conformance.aliases import CROSS_PEER, Alias, alias_for_case, liger_chunked_jsd
+from tests.peer_vectors import vectors_dir
 
-VECTORS = Path(os.environ.get("KDSL_PEER_VECTORS", "/work/shared/reference/vectors"))
+VECTORS = vectors_dir()
 
 
 @dataclass
