@@ -301,3 +301,19 @@ def test_sequence_weight_across_tokenizers(data, tmp_path):
         assert all(math.isfinite(value) for value in rho.values()), rho
         assert 0.0 < record["rho/mean"] <= 2.0
         assert math.isfinite(record["loss/KL(o‖q→o)"])
+
+
+def test_reference_model_weight_on_projected_terms(data, tmp_path):
+    """ref(w) in a sequence weight of a projected objective: the reference model reads the student's tokens."""
+    objective = kdsl.load('ref = "builtin:tiny-ref"\nρ(w) = ref(w) / q(w)\nrho.clip = 2\n'
+                          "objective = CE(o→q) + ρ(w)·KL(o→q ‖ q)",
+                          {**SMALL, "train.max_steps": 2, "student": "builtin:tiny-student"}, same_vocab=False)
+    seen = []
+    ref = models.load_model("builtin:tiny-ref")
+    ref.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].clone()),
+                                  with_kwargs=True)
+    result = train(objective, None, out_dir=tmp_path / "run", ref=ref, pairs=data["pairs"], heldout=data["heldout"],
+                   progress_bar=False)
+    assert len(seen) == 2  # one reference forward per step
+    records = [r for r in result.metrics if "loss/total" in r]
+    assert all(0.0 < r["rho/mean"] <= 2.0 for r in records), records
