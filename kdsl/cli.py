@@ -166,6 +166,17 @@ def command_eval(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """Parse a command-line count that must be at least 1 (argparse reports the error with the flag's name)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number such as 256") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {value}: expected a positive number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdsl",
@@ -199,14 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("graph", command_graph, "print the compiled graph in its stable text form")
 
     explain = add("explain", command_explain, "dry run: forward passes, generations, samplers and loss memory")
-    explain.add_argument("--batch", type=int, default=None, help="sequences per batch (B; default train.batch_size)")
-    explain.add_argument("--length", type=int, default=None,
+    explain.add_argument("--batch", type=positive_int, default=None, help="sequences per batch (B; default train.batch_size)")
+    explain.add_argument("--length", type=positive_int, default=None,
                          help="tokens per sequence (T; default data.max_prompt_tokens + data.max_response_tokens)")
-    explain.add_argument("--student-vocab", type=int, default=None,
+    explain.add_argument("--student-vocab", type=positive_int, default=None,
                          help="student vocabulary size (Vs; default: the student's config where it is local, else 32000)")
-    explain.add_argument("--teacher-vocab", type=int, default=None,
+    explain.add_argument("--teacher-vocab", type=positive_int, default=None,
                          help="teacher vocabulary size (Vt; default: the teacher's config where it is local, else Vs)")
-    explain.add_argument("--hidden", type=int, default=None, help="hidden size H when the loss takes hidden states")
+    explain.add_argument("--hidden", type=positive_int, default=None, help="hidden size H when the loss takes hidden states")
 
     evaluate = add("eval", command_eval, "evaluate checkpoints: held-out CE, KL to the teacher, ROUGE-L, exposure bias")
     evaluate.add_argument("--checkpoint", action="append", required=True, metavar="DIR",

@@ -70,7 +70,7 @@ _PROJECTOR_ARGUMENTS = {
     "teacher_embedding": "the teacher's input embedding (nn.Embedding or a [V_t, d_t] tensor; cross attention only)",
     "student_head": "the student's output head weight [V_s, d_s]",
     "student_ends": "characters of the response text read through each student position [B, S] (projection.alignment = \"text\"; kdsl.teacher_tokens.teacher_batch gives them)",
-    "teacher_ends": "characters of the response text read through each teacher position [B, T] (projection.alignment = \"text\")",
+    "teacher_ends": "characters of the response text read through each teacher position [B, T] (projection.alignment = \"text\"; kdsl.teacher_tokens.teacher_batch gives them)",
     "teacher_head": "the teacher's output head weight [V_t, d_t] (needed for q→o)",
 }
 

@@ -13,3 +13,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def loopback():
+    """Skip a multi-process test, naming the fix, where no connection to 127.0.0.1 can be made.
+
+    The processes of a gloo run meet on 127.0.0.1. In a fresh network
+    namespace (`unshare -n`) the loopback interface is down, and the launcher
+    would wait out its whole timeout instead.
+    """
+    import socket
+
+    with socket.socket() as server:
+        try:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            with socket.create_connection(server.getsockname(), timeout=5):
+                pass
+        except OSError as error:
+            pytest.skip(f"no connection to 127.0.0.1 ({error}); bring the loopback interface up (ip link set lo up)")

@@ -110,3 +110,10 @@ def test_explain_keeps_defaults_for_hub_models(capsys):
     assert main(["explain", str(ROOT / "specs" / "kd.kd"), "--set", "student=some-org/some-model",
                  "--set", "teacher=some-org/other-model"]) == 0
     assert "Vs=32000 Vt=32000" in capsys.readouterr().out
+
+
+def test_explain_rejects_a_zero_length(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["explain", str(ROOT / "specs" / "gkd.kd"), "--length", "0"])
+    assert exited.value.code == 2
+    assert "--length: invalid value 0: expected a positive number" in capsys.readouterr().err

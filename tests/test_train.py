@@ -334,7 +334,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_big_batch(tiny, tmp_path):
+def test_two_processes_match_one_big_batch(tiny, tmp_path, loopback):
     root = tmp_path / "inputs"
     settings = {"train.max_steps": 4, "train.baseline": False, "train.seed": 2, "train.grad_accum": 2}
     write_driver_inputs(tiny, root, "", settings)

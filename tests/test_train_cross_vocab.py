@@ -244,7 +244,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_big_batch(data, tmp_path):
+def test_two_processes_match_one_big_batch(data, tmp_path, loopback):
     """Two gloo processes with batch 2 each train the student and the projector as one process with batch 4."""
     import os
     import subprocess
