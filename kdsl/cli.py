@@ -131,13 +131,40 @@ def resolve_checkpoint(path: str) -> str:
     raise ConfigError(f"no model found in {path!r}: expected config.json there or in its student/ folder")
 
 
+def run_settings(spec_settings: dict, checkpoint: Path, overrides: dict) -> dict:
+    """Return the spec's settings with those a run saved in its settings.json, and --set over both.
+
+    A run directory keeps the settings it trained with, overrides included,
+    so evaluating it uses the same models, data limits and evaluation
+    settings. A checkpoint folder without settings.json takes the spec's.
+    """
+    import json
+
+    saved_path = checkpoint / "settings.json"
+    if not saved_path.is_file():
+        return dict(spec_settings)
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot read the run's settings {saved_path}: {error}; pass a run directory written by "
+                          "kdsl run, or a model folder") from None
+    settings = dict(spec_settings)
+    taken = sorted(key for key, value in saved.items()
+                   if key in settings and key not in overrides and settings[key] != value)
+    settings.update({key: saved[key] for key in taken})
+    if taken:
+        print(f"using the settings of the run in {checkpoint} where they differ from the spec: {', '.join(taken)} "
+              "(--set still overrides them)")
+    return settings
+
+
 def command_eval(args) -> int:
     from kdsl import evaluate
     from kdsl.data import load_pairs
     from kdsl.models import load_model, load_tokenizer
 
     objective = load_spec(args)
-    settings = objective.settings
+    settings = run_settings(objective.settings, Path(args.checkpoint[0]), parse_assignments(args.set))
     checkpoints = {Path(p).name or p: resolve_checkpoint(p) for p in args.checkpoint}
     metrics = [metric.name for metric in objective.evals] or None
     trust = settings["trust_remote_code"]

@@ -117,3 +117,26 @@ def test_explain_rejects_a_zero_length(capsys):
         main(["explain", str(ROOT / "specs" / "gkd.kd"), "--length", "0"])
     assert exited.value.code == 2
     assert "--length: invalid value 0: expected a positive number" in capsys.readouterr().err
+
+
+def test_eval_uses_the_settings_a_run_saved(tmp_path, capsys):
+    """A run directory's settings.json (the run's --set overrides included) win over the spec; --set wins over both."""
+    import json
+
+    from kdsl import models
+
+    run = tmp_path / "run"
+    models.load_model("builtin:tiny-student").save_pretrained(run / "student")
+    models.load_tokenizer("builtin:tiny-student").save_pretrained(run / "student")
+    (run / "settings.json").write_text(json.dumps({"eval.max_pairs": 2, "eval.max_new_tokens": 3,
+                                                   "data.max_prompt_tokens": 8, "not.a.setting": 1}))
+    common = ["eval", str(ROOT / "specs" / "wsgo.kd"), "--checkpoint", str(run), "--set", "eval.bootstrap=10",
+              "--set", "eval.max_l=2"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "data.max_prompt_tokens, eval.max_new_tokens, eval.max_pairs" in out
+    document = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert document["checkpoints"]["run"]["heldout"]["num_pairs"] == 2
+    assert main(common + ["--set", "eval.max_pairs=3", "--out", str(tmp_path / "b")]) == 0
+    document = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert document["checkpoints"]["run"]["heldout"]["num_pairs"] == 3
