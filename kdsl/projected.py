@@ -313,30 +313,35 @@ class _Evaluation:
         key = (node.name, True)
         if key in self.cache:
             return self.cache[key]
-        with torch.no_grad():
-            if node.op == "sequence_logp":
-                logp_node = graph.node(node.inputs[0])
-                labels = self.labels[self.side(graph, logp_node)]
-                valid = labels.ne(IGNORE_INDEX)
-                picked = self.value(graph, logp_node, True).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                # Sums of hundreds of log-probabilities are kept in float64, as in kdsl.lower.
-                value = torch.where(valid, picked.double(), 0.0).sum(dim=1)
-            elif node.op == "sequence_length":
-                value = self.labels["student"].ne(IGNORE_INDEX).sum(dim=1).double()
-            elif node.op == "sequence_weight":
-                bindings = {_ROLE_SYMBOLS[name]: float(v) for name, v in self.schedule.items()}
-                for role, name in node.named:
-                    bindings[_ROLE_SYMBOLS[role]] = self.sequence_value(graph, graph.node(name))
-                rows = self.labels["student"].shape[0]
+        if node.op == "sequence_logp":
+            value = self.sequence_logp(graph, graph.node(node.inputs[0]))
+        elif node.op == "sequence_length":
+            value = self.labels["student"].ne(IGNORE_INDEX).sum(dim=1).double()
+        elif node.op == "sequence_weight":
+            bindings = {_ROLE_SYMBOLS[name]: float(v) for name, v in self.schedule.items()}
+            for role, name in node.named:
+                bindings[_ROLE_SYMBOLS[role]] = self.sequence_value(graph, graph.node(name))
+            with torch.no_grad():
                 value = scalars.evaluate(node.attr("expr"), bindings, dtype=torch.float64)
-                value = value.expand(rows) if value.dim() == 0 else value
-                self.unclipped[node.name] = value
-                clip = node.attr("clip")
-                value = value.clamp(max=clip) if clip is not None else value
-            else:
-                raise KdslError(f"node %{node.name} ({node.op}) is not a per-sequence value")
+            rows = self.labels["student"].shape[0]
+            value = value.expand(rows) if value.dim() == 0 else value
+            self.unclipped[node.name] = value
+            clip = node.attr("clip")
+            value = value.clamp(max=clip) if clip is not None else value
+        else:
+            raise KdslError(f"node %{node.name} ({node.op}) is not a per-sequence value")
         self.cache[key] = value
         return value
+
+    def sequence_logp(self, graph: Graph, logp_node: Node) -> Tensor:
+        """Sum each row's log-probabilities of its own side's labels, [B] in float64 and detached."""
+        # The log-probabilities come from the shared cache with their gradient path, because a later term may read
+        # the same log_softmax as its loss. Evaluated under no_grad they would reach that term without one.
+        logp = self.value(graph, logp_node, True).detach()
+        labels = self.labels[self.side(graph, logp_node)]
+        picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        # Sums of hundreds of log-probabilities are kept in float64, as in kdsl.lower.
+        return torch.where(labels.ne(IGNORE_INDEX), picked.double(), 0.0).sum(dim=1)
 
     def applied_weights(self, graph: Graph, terms: list[Node]) -> dict:
         """Return the sequence weights each term applied, keyed by term name, as kdsl.lower reports them."""

@@ -280,3 +280,19 @@ def test_sequence_weight_on_projected_terms():
             torch.testing.assert_close(weighted.terms[name].double(), applied[row] * base.terms[name].double(),
                                        rtol=1e-4, atol=1e-7)
     assert set(reference.sequence_weights) == set()
+
+def test_sequence_weight_keeps_later_gradients():
+    """A ρ(w) that reads q(w) must not cut the gradient of a later term that reads q."""
+    meta, inputs, _, teacher_type = load_case(CASE)
+
+    def gradient(spec: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        hidden = inputs["student_hidden"].clone().requires_grad_(True)
+        result = call_case(compile_with(spec, inputs, meta), inputs, teacher_type, hidden, inputs["student_lm_head"])
+        result.loss.backward()
+        return hidden.grad
+
+    weighted = "ρ(T, w) = (o(w) / q(w))^(1/T)\nobjective = ρ(T, w)·KL(o ‖ q→o)"
+    together = gradient(weighted + " + KL(o→q ‖ q)")
+    apart = gradient(weighted) + gradient("objective = KL(o→q ‖ q)")
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-7)
