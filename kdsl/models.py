@@ -64,14 +64,7 @@ def load_model(name: str, *, dtype=None, trust_remote_code: bool = False) -> Pre
     `torch.dtype`, or one of "float32", "bfloat16", "float16", "auto".
     """
     torch_dtype = _parse_dtype(dtype)
-    if builtins.is_builtin(name):
-        key = builtins.strip_prefix(name)
-        if key not in builtins.MODELS:
-            raise ConfigError(f"unknown builtin model {name!r}; known builtin models: {', '.join(builtin_names())}")
-        source = _existing(builtins.MODELS[key], name)
-    else:
-        source = _resolve(name)
-
+    source = _model_source(name)
     kwargs = {"trust_remote_code": trust_remote_code}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
@@ -88,15 +81,9 @@ def local_config(name: str, *, trust_remote_code: bool = False):
     """
     from transformers import AutoConfig
 
-    if builtins.is_builtin(name):
-        key = builtins.strip_prefix(name)
-        if key not in builtins.MODELS:
-            raise ConfigError(f"unknown builtin model {name!r}; known builtin models: {', '.join(builtin_names())}")
-        source = _existing(builtins.MODELS[key], name)
-    else:
-        source = _resolve(name)
-        if not Path(source).is_dir():
-            return None
+    source = _model_source(name)
+    if not Path(source).is_dir():
+        return None  # a hub id
     try:
         return AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
@@ -106,6 +93,16 @@ def local_config(name: str, *, trust_remote_code: bool = False):
 # ----------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------
+
+def _model_source(name: str) -> str:
+    """Return the folder of a builtin model or a local model, or `name` itself as a hub id."""
+    if builtins.is_builtin(name):
+        key = builtins.strip_prefix(name)
+        if key not in builtins.MODELS:
+            raise ConfigError(f"unknown builtin model {name!r}; known builtin models: {', '.join(builtin_names())}")
+        return _existing(builtins.MODELS[key], name)
+    return _resolve(name)
+
 
 def _parse_dtype(dtype):
     if dtype is None or isinstance(dtype, torch.dtype):

@@ -462,10 +462,8 @@ def _latest_not_after(pairs: torch.Tensor, column_ends: torch.Tensor, row_ends: 
     `column_ends` broadcasts as [B, 1, C] and `row_ends` as [B, R, 1].
     """
     candidates = pairs & (column_ends <= row_ends)
-    floor = torch.iinfo(torch.long).min
-    latest = torch.where(candidates, column_ends, torch.full_like(column_ends, floor)).amax(dim=dim, keepdim=True)
+    latest = torch.where(candidates, column_ends, torch.iinfo(torch.long).min).amax(dim=dim, keepdim=True)
     return candidates & (column_ends == latest)
-
 
 
 def projected_accuracy(o_to_q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

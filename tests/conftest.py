@@ -16,8 +16,8 @@ def one_thread():
 
 
 @pytest.fixture
-def loopback():
-    """Skip a multi-process test, naming the fix, where no connection to 127.0.0.1 can be made.
+def loopback_port():
+    """Return a free port on 127.0.0.1 for a multi-process run, or skip the test where loopback is down.
 
     The processes of a gloo run meet on 127.0.0.1. In a fresh network
     namespace (`unshare -n`) the loopback interface is down, and the launcher
@@ -33,3 +33,4 @@ def loopback():
                 pass
         except OSError as error:
             pytest.skip(f"no connection to 127.0.0.1 ({error}); bring the loopback interface up (ip link set lo up)")
+        return server.getsockname()[1]

@@ -325,16 +325,8 @@ for name, (spec, settings) in runs.items():
 '''
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_match_one_big_batch(tiny, tmp_path, loopback):
+def test_two_processes_match_one_big_batch(tiny, tmp_path, loopback_port):
     root = tmp_path / "inputs"
     settings = {"train.max_steps": 4, "train.baseline": False, "train.seed": 2, "train.grad_accum": 2}
     write_driver_inputs(tiny, root, "", settings)
@@ -343,7 +335,7 @@ def test_two_processes_match_one_big_batch(tiny, tmp_path, loopback):
     # unless mpirun is installed, so the test launches the two processes with torchrun.
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(loopback_port),
         str(root / "driver.py"), str(root), str(tmp_path / "two"),
     ]
     env = {**driver_env(), "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}

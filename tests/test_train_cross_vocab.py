@@ -235,16 +235,8 @@ compiled.projector.save_pretrained(f"{out_dir}/projector_rank{PartialState().pro
 '''
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_match_one_big_batch(data, tmp_path, loopback):
+def test_two_processes_match_one_big_batch(data, tmp_path, loopback_port):
     """Two gloo processes with batch 2 each train the student and the projector as one process with batch 4."""
     import os
     import subprocess
@@ -257,7 +249,7 @@ def test_two_processes_match_one_big_batch(data, tmp_path, loopback):
            "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
     two = {**settings, "train.batch_size": 2}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(driver), str(SPECS / "dskd.kd"), str(tmp_path / "two"),
+               "--master_port", str(loopback_port), str(driver), str(SPECS / "dskd.kd"), str(tmp_path / "two"),
                json.dumps(two)]
     launched = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stderr[-4000:]
