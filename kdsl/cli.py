@@ -102,9 +102,9 @@ def command_explain(args) -> int:
 
     objective = load_spec(args)
     shapes = explain.spec_shapes(objective)
-    given = {"batch": args.batch, "length": args.length, "student_vocab": args.student_vocab,
+    flags = {"batch": args.batch, "length": args.length, "student_vocab": args.student_vocab,
              "teacher_vocab": args.teacher_vocab, "hidden": args.hidden}
-    shapes.update({name: value for name, value in given.items() if value is not None})
+    shapes.update({name: value for name, value in flags.items() if value is not None})
     print(explain.explain(objective, **shapes))
     return 0
 
@@ -149,11 +149,11 @@ def run_settings(spec_settings: dict, checkpoint: Path, overrides: dict) -> dict
         raise ConfigError(f"cannot read the run's settings {saved_path}: {error}; pass a run directory written by "
                           "kdsl run, or a model folder") from None
     settings = dict(spec_settings)
-    taken = sorted(key for key, value in saved.items()
-                   if key in settings and key not in overrides and settings[key] != value)
-    settings.update({key: saved[key] for key in taken})
-    if taken:
-        print(f"using the settings of the run in {checkpoint} where they differ from the spec: {', '.join(taken)} "
+    from_run = sorted(key for key, value in saved.items()
+                      if key in settings and key not in overrides and settings[key] != value)
+    settings.update({key: saved[key] for key in from_run})
+    if from_run:
+        print(f"using the settings of the run in {checkpoint} where they differ from the spec: {', '.join(from_run)} "
               "(--set still overrides them)")
     return settings
 

@@ -603,8 +603,8 @@ def _quiet_absl() -> None:
         return
     if absl_logging.get_verbosity() > absl_logging.WARNING:
         absl_logging.set_verbosity(absl_logging.WARNING)
-    # Before absl's flags are parsed its messages go through the standard "absl" logger, which the
-    # verbosity above does not reach; under a root logger at INFO they would still print.
+    # Before absl's flags are parsed, its messages go through the standard "absl" logger. The verbosity above
+    # does not reach that logger, so under a root logger at INFO they would still print.
     absl_logger = logging.getLogger("absl")
     if absl_logger.getEffectiveLevel() < logging.WARNING:
         absl_logger.setLevel(logging.WARNING)

@@ -296,9 +296,9 @@ class GenerationSettings:
 def quiet_padding_warning() -> Iterator[None]:
     """Silence transformers' "passing in an attention_mask" warning while kdsl generates.
 
-    kdsl passes the mask; some decoding steps of `generate` call the model
-    without it, and a tokenizer whose pad, BOS and EOS share one id (as
-    the builtin tokenizers do) then triggers the warning on generated EOS ids.
+    kdsl passes the mask, but some decoding steps of `generate` call the
+    model without it. With a tokenizer whose pad, BOS and EOS share one id
+    (as the builtin tokenizers do), generated EOS ids then trigger it.
     """
     source = logging.getLogger("transformers.modeling_utils")
     level = source.level

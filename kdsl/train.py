@@ -332,9 +332,7 @@ class Trainer:
         frozen = {}
         for role, model in (("teacher_logits", self.teacher), ("ref_logits", self.ref)):
             if role in self.inputs[group]:
-                with torch.no_grad():
-                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                frozen[role] = logits[:, :-1]  # (B, L-1, V), position p scores token p+1
+                frozen[role] = frozen_logits(model, batch)
         with self.accelerator.autocast():
             student_logits = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         student_logits = student_logits[:, :-1]  # (B, L-1, Vs)
@@ -374,11 +372,8 @@ class Trainer:
         with self.accelerator.autocast():
             student_out = self.student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                        output_hidden_states=True)
-        ref_logits = None
-        if "ref_logits" in self.inputs[group]:
-            # The reference model reads the student's tokens (ref(w) in a sequence weight).
-            with torch.no_grad():
-                ref_logits = self.ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        # The reference model reads the student's tokens (ref(w) in a sequence weight).
+        ref_logits = frozen_logits(self.ref, batch) if "ref_logits" in self.inputs[group] else None
         student = self.accelerator.unwrap_model(self.student)
         result = self.compiled(
             student_logits=student_out.logits[:, :-1],
@@ -546,6 +541,13 @@ def contains_adaptive(sampler: Sampler) -> bool:
 
 
 # --- Parts of the loop -----------------------------------------------------------------
+
+
+def frozen_logits(model: Any, batch: Batch) -> torch.Tensor:
+    """Run a frozen model on the batch without gradient; return (B, L-1, V) logits, position p scoring token p+1."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return logits[:, :-1]
 
 
 def freeze(model: Any) -> Any:

@@ -664,7 +664,7 @@ def text_batch(seed: int = 0):
     return batch
 
 
-def test_text_alignment_pairs_positions_that_read_the_same_text():
+def test_text_alignment_pairs_same_text():
     torch.manual_seed(0)
     projector = DualSpaceProjector(D_S, D_T, alignment="text")
     batch = text_batch()
@@ -684,16 +684,17 @@ def test_text_alignment_pairs_positions_that_read_the_same_text():
     torch.testing.assert_close(projection.o_to_q[0, 3], values[0, 4] @ batch["student_head"].T)
 
 
-def test_text_alignment_falls_back_to_the_latest_earlier_position():
+def test_text_alignment_falls_back_earlier():
     torch.manual_seed(0)
     projector = DualSpaceProjector(D_S, D_T, alignment="text")
     batch = text_batch()
     student_hidden = batch["student_hidden"].clone().requires_grad_(True)
     arguments = dict(batch, student_hidden=student_hidden)
     projection = project(projector, arguments)
-    # Teacher position 3 of row 0 has read 3 characters; the student has read 2 or 5 characters, so it reads the
-    # student position that has read 2 (position 2). Row 1: teacher end 1 → student end 0 (position 0 is a prompt
-    # position, so nothing is valid and the row gets no weight); end 3 → position 1; end 6 → position 2.
+    # Teacher position 3 of row 0 has read 3 characters. No student position ends there, so it reads the one that
+    # ends latest before: position 2, at 2 characters.
+    # Row 1: teacher end 1 falls back to student end 0, a prompt position, so that row gets no weight. Ends 3 and 6
+    # read student positions 1 and 2.
     student_hidden.grad = None
     projection.q_to_o[0, 3].sum().backward(retain_graph=True)
     moved = student_hidden.grad.abs().sum(dim=-1)

@@ -261,10 +261,10 @@ def test_two_processes_match_one_big_batch(data, tmp_path, loopback_port):
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return [(r["step"], r["loss/total"], r["loss/KL(o[τ=1]‖q→o[τ=1])"]) for r in records if "loss/total" in r]
 
-    one, two_runs = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert [step for step, _, _ in two_runs] == [1, 2, 3]
+    one_process, two_processes = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [step for step, _, _ in two_processes] == [1, 2, 3]
     # Step 3 depends on the all-reduced gradients of steps 1 and 2, the projector's included.
-    for (_, total, projected), (_, total_two, projected_two) in zip(one, two_runs):
+    for (_, total, projected), (_, total_two, projected_two) in zip(one_process, two_processes):
         assert total_two == pytest.approx(total, rel=1e-4)
         assert projected_two == pytest.approx(projected, rel=1e-4)
     # Every process ends with the same projector: its gradients are all-reduced with the student's.
